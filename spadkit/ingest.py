@@ -1,0 +1,387 @@
+"""Dask-parallel conversion of a dataset folder into a spadkit OME-Zarr store.
+
+For every case: read the image (and label), check it (finite voxels, label on
+the image's grid), reorient to RAS without resampling (the spacing is kept),
+record intensity statistics, and write it to the store. Cases run as Dask tasks
+on local threads by default, or on a ``dask.distributed`` cluster when an
+address is given. Re-running skips finished cases; a case that was being
+written when the run stopped has no completion marker and is redone.
+
+A failing case does not stop the others: its error (which names the file and
+the fix) is collected in the :class:`IngestReport`.
+
+At the end the store's root attributes get ``spadkit.fingerprint`` (read it with
+``OMEZarrStore(url).info["fingerprint"]`` or ``spadkit info STORE.zarr``): per-case spacing and shape,
+and per-modality intensity statistics, as nnU-Net's dataset fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+from dask.callbacks import Callback
+from tqdm.auto import tqdm
+
+from spadkit import __version__
+from spadkit.catalog import DatasetEntry
+from spadkit.errors import InvalidImageError, SpadkitError
+from spadkit.io import SUPPORTED_SUFFIXES, OMEZarrStore, read_label, read_volume
+from spadkit.io.dicom import is_dicom_file
+from spadkit.io.omezarr import now_iso
+from spadkit.volume import LabelVolume, Volume
+
+#: Intensity percentiles recorded per case and channel (PUMIT/nnU-Net use 0.5 and 99.5).
+PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)
+
+_IMAGE_SUFFIXES = tuple(SUPPORTED_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """The files of one case: image channel files (or one DICOM folder) and an optional label."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass
+class IngestReport:
+    """What one ``ingest`` run did."""
+
+    store: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        lines = [f"{self.store}: {len(self.written)} written, {len(self.skipped)} already done, {len(self.failed)} failed"]
+        lines += [f"  FAILED {case}: {message}" for case, message in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def case_id_from(name: str) -> str:
+    """A store-safe case id from a file or folder name (suffixes dropped)."""
+    for suffix in sorted(_IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip("._-") or "case"
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and (path.name.lower().endswith(_IMAGE_SUFFIXES) or is_dicom_file(path))
+
+
+def discover_cases(root: str | os.PathLike, layout: str | None = None) -> list[CaseSource]:
+    """Find the cases of a dataset folder.
+
+    Layouts (auto-detected when ``layout`` is None):
+
+    * ``msd``: ``imagesTr/x.nii.gz`` + ``labelsTr/x.nii.gz`` (+ unlabelled ``imagesTs/``);
+      multi-modal tasks hold channels in a 4D file.
+    * ``nnunet``: ``imagesTr/x_0000.nii.gz``, ``x_0001...`` (channels) + ``labelsTr/x.nii.gz``.
+    * ``flat``: ``images/`` + ``labels/`` with matching names, or image files at the top level.
+    * ``dicom_series``: every folder that directly holds DICOM files is one case.
+    * ``image_folder``: every 2D image file below the folder is one case.
+
+    macOS resource forks (``._name``) and hidden files are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidImageError("dataset folder not found", path=root, fix="pass the folder that holds the extracted dataset.")
+    layout = layout or _detect_layout(root)
+    if layout in ("msd", "nnunet"):
+        cases = _paired_cases(root / "imagesTr", root / "labelsTr", channel_suffix=layout == "nnunet")
+        if (root / "imagesTs").is_dir():
+            cases += _paired_cases(root / "imagesTs", None, channel_suffix=layout == "nnunet")
+    elif layout == "flat":
+        if (root / "images").is_dir():
+            cases = _paired_cases(root / "images", root / "labels" if (root / "labels").is_dir() else None, channel_suffix=False)
+        else:
+            cases = [CaseSource(case_id_from(p.name), (p,)) for p in sorted(root.iterdir()) if _is_image_file(p)]
+    elif layout == "dicom_series":
+        folders = sorted({p.parent for p in root.rglob("*") if p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom_file(p))})
+        cases = [CaseSource(case_id_from("_".join(f.relative_to(root).parts) or root.name), (f,)) for f in folders]
+    elif layout in ("image_folder", "other"):
+        files = sorted(p for p in root.rglob("*") if _is_image_file(p))
+        cases = [CaseSource(case_id_from("_".join(p.relative_to(root).parts)), (p,)) for p in files]
+    else:
+        raise InvalidImageError(f"unknown layout {layout!r}", path=root, fix="use msd, nnunet, flat, dicom_series or image_folder.")
+    if not cases:
+        raise InvalidImageError(f"no cases found (layout {layout})", path=root, fix="check the folder and --layout; supported files: " + ", ".join(_IMAGE_SUFFIXES))
+    _check_unique([c.case_id for c in cases], root)
+    return cases
+
+
+def _detect_layout(root: Path) -> str:
+    if (root / "imagesTr").is_dir():
+        return "nnunet" if any(p.name.endswith(("_0000.nii.gz", "_0000.nii")) for p in (root / "imagesTr").iterdir()) else "msd"
+    if (root / "images").is_dir():
+        return "flat"
+    if any(_is_image_file(p) for p in root.iterdir()):
+        return "flat"
+    return "dicom_series" if any(is_dicom_file(p) for p in root.rglob("*") if p.is_file()) else "image_folder"
+
+
+def _paired_cases(images: Path, labels: Path | None, *, channel_suffix: bool) -> list[CaseSource]:
+    by_case: dict[str, list[Path]] = {}
+    for path in sorted(p for p in images.iterdir() if _is_image_file(p)):
+        stem = case_id_from(path.name)
+        if channel_suffix:
+            stem = re.sub(r"_\d{4}$", "", stem)
+        by_case.setdefault(stem, []).append(path)
+    label_files = {case_id_from(p.name): p for p in labels.iterdir() if _is_image_file(p)} if labels and labels.is_dir() else {}
+    return [CaseSource(case, tuple(files), label_files.get(case)) for case, files in sorted(by_case.items())]
+
+
+def _check_unique(ids: Sequence[str], root: Path) -> None:
+    seen: set[str] = set()
+    for case in ids:
+        if case in seen:
+            raise InvalidImageError(f"two inputs map to case id {case!r}", path=root, fix="rename one of them.")
+        seen.add(case)
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def load_case(source: CaseSource, modality: str | None = None, classes: dict[int, str] | None = None) -> tuple[Volume, LabelVolume | None]:
+    """Read and check a case; return it reoriented to RAS (in memory).
+
+    Raises:
+        SpadkitError: unreadable files, NaN/Inf voxels, channel files that do not
+            share one grid, or a label off the image's grid.
+    """
+    channels = [read_volume(path).load() for path in source.images]
+    image = channels[0]
+    if len(channels) > 1:
+        for other in channels[1:]:
+            if other.spatial_shape != image.spatial_shape or not np.allclose(other.affine, image.affine, atol=1e-3):
+                raise InvalidImageError(
+                    f"channel file does not share the grid of {source.images[0].name}",
+                    path=other.source,
+                    fix="all channels of a case must have the same shape and affine.",
+                )
+        image = Volume(np.concatenate([c.array for c in channels]), image.affine, meta=image.meta)
+    image.modality = modality or image.modality or sidecar_modality(source.images[0])
+    data = image.array
+    bad = int(data.size - np.count_nonzero(np.isfinite(data))) if np.issubdtype(data.dtype, np.floating) else 0
+    if bad:
+        raise InvalidImageError(
+            f"{bad} voxels are NaN or Inf",
+            path=image.source,
+            fix="replace them (e.g. numpy.nan_to_num with the background value) and save the file again, or leave the case out.",
+        )
+    label = None
+    if source.label is not None:
+        label = read_label(source.label, classes=classes).load()
+        label.check_matches(image)
+    return image.canonical().load(), (label.canonical().load() if label is not None else None)
+
+
+def sidecar_modality(image_path: Path) -> str | None:
+    """``Modality`` from a BIDS / dcm2niix JSON sidecar (``ct.nii.gz`` -> ``ct.json``), if any."""
+    sidecar = image_path.with_name(case_id_from(image_path.name) + ".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        value = json.loads(sidecar.read_text(encoding="utf-8")).get("Modality")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise InvalidImageError("sidecar is not a JSON object", path=sidecar, fix="repair or delete the sidecar file.") from None
+    return str(value).upper() if value else None
+
+
+def intensity_stats(image: Volume, label: LabelVolume | None = None) -> list[dict[str, float]]:
+    """Per-channel statistics of a loaded image: min/max/mean/std, percentiles, voxel count.
+
+    With a label, statistics are also given for the foreground (label > 0),
+    which nnU-Net uses to normalise CT.
+    """
+    data = image.numpy()
+    foreground = label.numpy()[0] > 0 if label is not None else None
+    stats = []
+    for channel in data:
+        entry = _describe(channel.ravel())
+        if foreground is not None and foreground.any():
+            entry["foreground"] = _describe(channel[foreground])
+        stats.append(entry)
+    return stats
+
+
+def _describe(values: np.ndarray) -> dict[str, float]:
+    values = values.astype(np.float64, copy=False)
+    pct = np.percentile(values, PERCENTILES)
+    out = {"min": float(values.min()), "max": float(values.max()), "mean": float(values.mean()), "std": float(values.std()), "count": int(values.size)}
+    out.update({f"p{p:g}": float(v) for p, v in zip(PERCENTILES, pct)})
+    return out
+
+
+def ingest_case(source: CaseSource, store_url: str, modality: str | None, classes: dict[int, str] | None) -> dict[str, Any]:
+    """Convert one case into the store; return ``{"case_id", "error"}`` (error is None on success)."""
+    try:
+        image, label = load_case(source, modality, classes)
+        attrs = {
+            "source": {"images": [str(p) for p in source.images], "label": str(source.label) if source.label else None},
+            "intensity": intensity_stats(image, label),
+            "spadkit_version": __version__,
+        }
+        OMEZarrStore(store_url, mode="a").write_case(source.case_id, image, label, attrs=attrs, author="spadkit ingest")
+        return {"case_id": source.case_id, "error": None}
+    except SpadkitError as err:
+        return {"case_id": source.case_id, "error": str(err)}
+    except Exception as err:  # an unexpected failure in one case must not lose the others
+        return {"case_id": source.case_id, "error": f"{type(err).__name__}: {err} (while reading {source.images[0]})"}
+
+
+# --------------------------------------------------------------------------- whole dataset
+
+
+class _TqdmCallback(Callback):
+    """Advance a tqdm bar as Dask finishes tasks on the local scheduler."""
+
+    def __init__(self, bar: tqdm):
+        super().__init__()
+        self._bar = bar
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if isinstance(result, dict) and "case_id" in result:
+            self._bar.update(1)
+            self._bar.set_postfix_str(result["case_id"], refresh=False)
+
+
+def ingest(
+    dataset_dir: str | os.PathLike,
+    store_url: str,
+    *,
+    entry: DatasetEntry | None = None,
+    layout: str | None = None,
+    modality: str | None = None,
+    num_workers: int | None = None,
+    scheduler_address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> IngestReport:
+    """Convert a dataset folder into an OME-Zarr store (resumable).
+
+    Args:
+        dataset_dir: extracted dataset folder.
+        store_url: output store (local path or fsspec URL).
+        entry: catalog entry; gives layout, modality and label class names.
+        layout: overrides the entry's/auto-detected layout (see :func:`discover_cases`).
+        modality: overrides the entry's modality (e.g. ``"CT"``); comma-joined for several channels.
+        num_workers: local threads (default: CPU count).
+        scheduler_address: ``tcp://host:port`` of a ``dask.distributed`` scheduler.
+        overwrite: redo cases that are already complete.
+        progress: show a progress bar.
+    """
+    cases = discover_cases(dataset_dir, layout or (entry.layout if entry else None))
+    if modality is None and entry is not None:
+        codes = entry.modality_codes
+        modality = codes[0] if len(set(codes)) == 1 else ",".join(codes)
+    segmentation = entry is not None and entry.label_classes and any(t.value == "segmentation" for t in entry.task)
+    classes = dict(entry.label_classes) if segmentation else None
+    store = OMEZarrStore(store_url, mode="a")
+    store.update_info(dataset=entry.name if entry else Path(dataset_dir).name, catalog_entry=entry.model_dump(mode="json") if entry else None, source=str(dataset_dir))
+    report = IngestReport(store=store_url)
+    done = set(store.cases())
+    for case_id in store.incomplete_cases():
+        store.remove_case(case_id)  # interrupted earlier: never trust it
+    todo = []
+    for case in cases:
+        if case.case_id in done and not overwrite:
+            report.skipped.append(case.case_id)
+        else:
+            todo.append(case)
+    tasks = [dask.delayed(ingest_case, pure=False)(case, store_url, modality, classes) for case in todo]
+    with tqdm(total=len(tasks), desc="ingest", unit="case", disable=not progress or not tasks) as bar:
+        results = _run(tasks, bar, num_workers, scheduler_address)
+    for result in results:
+        if result["error"] is None:
+            report.written.append(result["case_id"])
+        else:
+            report.failed[result["case_id"]] = result["error"]
+    if store.cases():
+        store.update_info(fingerprint=fingerprint(store))
+    return report
+
+
+def _run(tasks: list, bar: tqdm, num_workers: int | None, scheduler_address: str | None) -> list[dict[str, Any]]:
+    if not tasks:
+        return []
+    if scheduler_address:
+        from distributed import Client, as_completed
+
+        with Client(scheduler_address) as client:
+            futures = client.compute(tasks)
+            results = []
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update(1)
+            return results
+    with _TqdmCallback(bar):
+        return list(dask.compute(*tasks, scheduler="threads", num_workers=num_workers or os.cpu_count()))
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint(store: OMEZarrStore) -> dict[str, Any]:
+    """Dataset fingerprint from the stored cases' attributes.
+
+    Per modality (channel): pooled mean/std (exact, voxel-weighted), min/max,
+    and the median over cases of each case's percentiles (the per-case
+    percentiles are what PUMIT normalises with). Plus per-case spacing/shape
+    and the dataset's median spacing and shape.
+    """
+    per_case = {}
+    by_modality: dict[str, list[dict[str, float]]] = {}
+    for case_id in store.cases():
+        attrs = store.case_attrs(case_id)
+        modality_codes = (attrs.get("modality") or "unknown").split(",")
+        per_case[case_id] = {"spacing_zyx_mm": attrs["spacing_zyx_mm"], "shape_czyx": attrs["shape_czyx"], "modality": attrs.get("modality")}
+        for index, channel_stats in enumerate(attrs.get("intensity", [])):
+            code = modality_codes[index] if index < len(modality_codes) else modality_codes[-1]
+            by_modality.setdefault(f"{index}:{code}", []).append(channel_stats)
+    spacings = np.array([c["spacing_zyx_mm"] for c in per_case.values()])
+    shapes = np.array([c["shape_czyx"][1:] for c in per_case.values()])
+    return {
+        "dataset": store.info.get("dataset"),
+        "num_cases": len(per_case),
+        "created": now_iso(),
+        "spacing_zyx_mm": {"median": np.median(spacings, axis=0).tolist(), "min": spacings.min(axis=0).tolist(), "max": spacings.max(axis=0).tolist()},
+        "shape_zyx": {"median": np.median(shapes, axis=0).tolist(), "min": shapes.min(axis=0).tolist(), "max": shapes.max(axis=0).tolist()},
+        "intensity": {channel: _pool(stats) for channel, stats in sorted(by_modality.items())},
+        "cases": per_case,
+    }
+
+
+def _pool(stats: list[dict[str, float]]) -> dict[str, float]:
+    counts = np.array([s["count"] for s in stats], dtype=float)
+    means = np.array([s["mean"] for s in stats])
+    second = np.array([s["std"] ** 2 + s["mean"] ** 2 for s in stats])
+    mean = float(np.average(means, weights=counts))
+    pooled = {
+        "mean": mean,
+        "std": float(np.sqrt(max(np.average(second, weights=counts) - mean**2, 0.0))),
+        "min": float(min(s["min"] for s in stats)),
+        "max": float(max(s["max"] for s in stats)),
+        "num_cases": len(stats),
+    }
+    pooled.update({f"median_case_p{p:g}": float(np.median([s[f"p{p:g}"] for s in stats])) for p in PERCENTILES})
+    return pooled

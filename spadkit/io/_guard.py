@@ -1,0 +1,56 @@
+"""Turn low-level decoding failures into :class:`~spadkit.errors.CorruptFileError`.
+
+Lazy readers hand Dask an array-like whose ``__getitem__`` reads from disk. A
+truncated file then fails deep inside Dask, long after the reader returned; the
+wrapper below makes that failure name the file and say what to do.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from spadkit.errors import CorruptFileError, SpadkitError
+
+#: Exceptions that decoders raise on truncated or garbled input.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error, struct.error, ValueError, KeyError, IndexError)
+
+TRUNCATED_FIX = "the file is truncated or corrupt: download or export it again (compare its size or checksum with the source)."
+
+
+@contextmanager
+def reading(path: str, what: str = "could not be decoded") -> Iterator[None]:
+    """Re-raise decoding errors inside the block as ``CorruptFileError`` for ``path``."""
+    try:
+        yield
+    except SpadkitError:
+        raise
+    except DECODE_ERRORS as err:
+        raise CorruptFileError(f"{what} ({type(err).__name__}: {err})", path=path, fix=TRUNCATED_FIX) from err
+
+
+class GuardedArray:
+    """Array-like over ``read(index)`` that reports decoding errors against ``path``.
+
+    Args:
+        read: function taking a NumPy index (tuple of slices) and returning the voxels.
+        shape: full shape of the array.
+        dtype: dtype of what ``read`` returns.
+        path: the file, for error messages.
+    """
+
+    def __init__(self, read: Callable[[Any], np.ndarray], shape: tuple[int, ...], dtype: np.dtype, path: str):
+        self._read = read
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype).newbyteorder("=")  # native byte order: big-endian files too
+        self.ndim = len(self.shape)
+        self.path = path
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        with reading(self.path, "failed while reading voxels"):
+            return np.asarray(self._read(index), dtype=self.dtype)

@@ -1,0 +1,271 @@
+"""DICOM: a series folder, a single slice, or a multi-frame file (pydicom).
+
+Slices are sorted by their position along the slice normal, spacing comes from
+``PixelSpacing`` and the distance between slice positions, and stored values
+are mapped to real units (HU for CT) with ``RescaleSlope``/``RescaleIntercept``.
+DICOM's patient space is LPS+; the affine is converted to spadkit's RAS+.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from spadkit.errors import CorruptFileError, InvalidImageError
+from spadkit.io._guard import TRUNCATED_FIX, reading
+from spadkit.volume import Volume
+
+#: LPS (DICOM) <-> RAS (spadkit) world coordinates.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Relative spread of slice gaps above which a series is reported as having missing slices.
+SLICE_GAP_TOLERANCE = 0.05
+
+_MODALITY_ALIASES = {"CR": "XR", "DX": "XR", "PET": "PT"}
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True if the file carries the DICOM ``DICM`` marker at byte 128."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Volume:
+    """Read a DICOM series folder or a single (possibly multi-frame) file.
+
+    Args:
+        path: a folder holding one series (sub-folders are searched too), or one file.
+        series_uid: which series to read when the folder holds several.
+
+    Returns:
+        Volume ``(C, Z, Y, X)`` in memory; C is 3 for colour images.
+
+    Raises:
+        CorruptFileError: a truncated file or undecodable pixel data.
+        InvalidImageError: several series without ``series_uid``, duplicate or
+            missing slices, inconsistent slice geometry.
+    """
+    path = Path(path)
+    if path.is_dir():
+        headers = _series_headers(path, series_uid)
+        if len(headers) == 1:
+            return _read_single_file(headers[0][0])
+        return _read_series(headers, path)
+    return _read_single_file(path)
+
+
+# --------------------------------------------------------------------------- series
+
+
+def _series_headers(folder: Path, series_uid: str | None) -> list[tuple[Path, Dataset]]:
+    """Headers (no pixels) of the DICOM files of one series in ``folder``."""
+    by_series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            with reading(str(file), "not a readable DICOM header"):
+                header = pydicom.dcmread(file, stop_before_pixels=True)
+        except (CorruptFileError, InvalidDicomError):
+            if is_dicom_file(file):
+                raise
+            continue  # DICOMDIR-less folders often hold README/.txt files: skip non-DICOM files
+        if "PixelData" in header or hasattr(header, "Rows"):
+            by_series[str(header.get("SeriesInstanceUID", "unknown"))].append((file, header))
+    if not by_series:
+        raise InvalidImageError("no DICOM image files found", path=folder, fix="point at the folder that holds the .dcm files of one series.")
+    if series_uid is not None:
+        if series_uid not in by_series:
+            raise InvalidImageError(f"series {series_uid} not in the folder", path=folder, fix=f"choose one of {sorted(by_series)}.")
+        return by_series[series_uid]
+    if len(by_series) > 1:
+        listing = "; ".join(
+            f"{uid} ({len(files)} files, {files[0][1].get('SeriesDescription', 'no description')})" for uid, files in sorted(by_series.items())
+        )
+        raise InvalidImageError(
+            f"the folder holds {len(by_series)} series: {listing}",
+            path=folder,
+            fix="pass series_uid=... (CLI: --series-uid) or give each series its own folder.",
+        )
+    return next(iter(by_series.values()))
+
+
+def _read_series(headers: list[tuple[Path, Dataset]], folder: Path) -> Volume:
+    first = headers[0][1]
+    row_dir, col_dir = _orientation_vectors(first, folder)
+    normal = np.cross(row_dir, col_dir)
+    positions = {file: np.asarray(h.ImagePositionPatient, dtype=float) for file, h in headers if "ImagePositionPatient" in h}
+    if len(positions) != len(headers):
+        raise InvalidImageError("some slices lack ImagePositionPatient", path=folder, fix="the series cannot be stacked in 3D; export it again with full headers.")
+    ordered = sorted(headers, key=lambda fh: float(positions[fh[0]] @ normal))
+    depths = np.array([positions[f] @ normal for f, _ in ordered])
+    gaps = np.diff(depths)
+    if np.any(gaps <= 1e-4):
+        dup = [str(ordered[i][0].name) for i in np.flatnonzero(gaps <= 1e-4)[:3]]
+        raise InvalidImageError(
+            f"several slices share one position (e.g. {', '.join(dup)}): the folder mixes acquisitions",
+            path=folder,
+            fix="keep one acquisition (echo/phase/time point) per folder.",
+        )
+    if gaps.max() - gaps.min() > SLICE_GAP_TOLERANCE * np.median(gaps):
+        raise InvalidImageError(
+            f"uneven slice spacing from {gaps.min():.3g} to {gaps.max():.3g} mm: slices are missing or the series is irregular",
+            path=folder,
+            fix="check that the series is complete; irregular series must be resampled before use.",
+        )
+    slices = [_pixels(file, _with_pixels(file)) for file, _ in ordered]
+    shapes = {s.shape for s in slices}
+    if len(shapes) != 1:
+        raise InvalidImageError(f"slices differ in size {sorted(shapes)}", path=folder, fix="keep one series per folder.")
+    array = np.stack(slices, axis=1)  # (C, Z, Y, X)
+    step = (positions[ordered[-1][0]] - positions[ordered[0][0]]) / (len(ordered) - 1)
+    affine = _affine(first, row_dir, col_dir, step, positions[ordered[0][0]])
+    return Volume(array, affine, modality=_modality(first), meta=_meta(first, folder, len(ordered)))
+
+
+# --------------------------------------------------------------------------- single files
+
+
+def _read_single_file(path: Path) -> Volume:
+    header = _with_pixels(path)
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    pixels = _pixels(path, header)  # (C, Z, Y, X)
+    spacing_yx = _pixel_spacing(header)
+    shared = _functional_group(header, "SharedFunctionalGroupsSequence")
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if "ImageOrientationPatient" in header or (shared is not None and "PlaneOrientationSequence" in shared):
+        row_dir, col_dir = _orientation_vectors(header, path)
+    else:  # projection radiographs carry no patient orientation: use the image axes
+        row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    normal = np.cross(row_dir, col_dir)
+    positions = _frame_positions(header, per_frame, frames)
+    offsets = header.get("GridFrameOffsetVector")  # RT dose: frame depths relative to the first
+    if positions is not None and len(positions) == frames > 1:
+        step = (positions[-1] - positions[0]) / (frames - 1)
+        origin = positions[0]
+    elif offsets is not None and frames > 1 and len(offsets) == frames:
+        step = normal * (float(offsets[-1]) - float(offsets[0])) / (frames - 1)
+        origin = positions[0] if positions is not None else np.zeros(3)
+    else:
+        thickness = float(header.get("SpacingBetweenSlices") or header.get("SliceThickness") or 1.0)
+        step = normal * thickness
+        origin = positions[0] if positions is not None else np.zeros(3)
+    affine = _affine(header, row_dir, col_dir, step, origin, spacing_yx)
+    return Volume(pixels, affine, modality=_modality(header), meta=_meta(header, path, frames))
+
+
+def _frame_positions(header: Dataset, per_frame: Sequence[Dataset] | None, frames: int) -> np.ndarray | None:
+    if per_frame is not None and len(per_frame) == frames and all("PlanePositionSequence" in f for f in per_frame):
+        return np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in per_frame])
+    if "ImagePositionPatient" in header:
+        return np.array([[float(v) for v in header.ImagePositionPatient]])
+    return None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _with_pixels(path: Path) -> Dataset:
+    with reading(str(path), "not a readable DICOM file"):
+        return pydicom.dcmread(path)
+
+
+def _pixels(path: Path, ds: Dataset) -> np.ndarray:
+    """Pixel data in real units as ``(C, Z, Y, X)``; Z is the frame count."""
+    with reading(str(path), "pixel data could not be decoded"):
+        if "PixelData" not in ds:
+            raise CorruptFileError("the file has no pixel data", path=path, fix=TRUNCATED_FIX)
+        raw = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if samples > 1:  # colour: (..., Y, X, S) -> (S, Z, Y, X)
+        raw = raw.reshape((frames, *raw.shape[-3:])).transpose(3, 0, 1, 2)
+    else:
+        raw = raw.reshape((1, frames, *raw.shape[-2:]))
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope == 1 and intercept == 0:
+        return raw
+    real = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if slope.is_integer() and intercept.is_integer() and real.min() >= -32768 and real.max() <= 32767:
+        return real.astype(np.int16)  # CT in HU fits int16 exactly
+    return real
+
+
+def _functional_group(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _orientation_vectors(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Unit LPS directions of increasing column index (x) and increasing row index (y)."""
+    iop = ds.get("ImageOrientationPatient")
+    shared = _functional_group(ds, "SharedFunctionalGroupsSequence")
+    if iop is None and shared is not None and "PlaneOrientationSequence" in shared:
+        iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    if iop is None or len(iop) != 6:
+        raise InvalidImageError("missing ImageOrientationPatient", path=path, fix="export the series with its geometry tags.")
+    values = np.asarray(iop, dtype=float)
+    row_dir, col_dir = values[:3], values[3:]
+    if not (np.isclose(np.linalg.norm(row_dir), 1, atol=1e-3) and np.isclose(np.linalg.norm(col_dir), 1, atol=1e-3)):
+        raise InvalidImageError(f"ImageOrientationPatient {values.tolist()} is not two unit vectors", path=path, fix="repair the header.")
+    return row_dir, col_dir
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
+    """``(row spacing, column spacing)`` = ``(y, x)`` in mm."""
+    shared = _functional_group(ds, "SharedFunctionalGroupsSequence")
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if spacing is None and shared is not None and "PixelMeasuresSequence" in shared:
+        spacing = shared.PixelMeasuresSequence[0].get("PixelSpacing")
+    if spacing is None:
+        return (1.0, 1.0)
+    return (float(spacing[0]), float(spacing[1]))
+
+
+def _affine(
+    ds: Dataset,
+    row_dir: np.ndarray,
+    col_dir: np.ndarray,
+    slice_step: np.ndarray,
+    origin: np.ndarray,
+    spacing_yx: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """RAS affine from LPS geometry; ``slice_step`` is the LPS offset between slices (mm)."""
+    sy, sx = spacing_yx or _pixel_spacing(ds)
+    if sy <= 0 or sx <= 0 or np.linalg.norm(slice_step) <= 0:
+        raise InvalidImageError(
+            f"non-positive spacing: pixel {(sy, sx)} mm, slice step {np.linalg.norm(slice_step):.4g} mm",
+            path=ds.filename if hasattr(ds, "filename") else None,
+            fix="repair PixelSpacing / slice positions in the headers.",
+        )
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * sx
+    lps[:3, 1] = col_dir * sy
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = origin
+    return LPS_TO_RAS @ lps
+
+
+def _modality(ds: Dataset) -> str | None:
+    code = str(ds.get("Modality", "") or "").upper() or None
+    return _MODALITY_ALIASES.get(code, code) if code else None
+
+
+def _meta(ds: Dataset, source: Path, num_slices: int) -> dict:
+    return {
+        "source": str(source),
+        "format": "dicom",
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "series_description": str(ds.get("SeriesDescription", "")),
+        "num_slices": num_slices,
+    }
