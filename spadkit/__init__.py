@@ -7,6 +7,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-from spadkit.volume import LabelVolume, Volume  # noqa: E402
+from spadkit.volume import LabelVolume, Volume
 
 __all__ = ["LabelVolume", "Volume", "__version__"]

@@ -267,7 +267,7 @@ def download(entry: DatasetEntry, dest: str | os.PathLike, *, extract: bool = Tr
     target = dest / Path(urllib.request.url2pathname(url.rsplit("/", 1)[-1].split("?")[0]))
     if not target.exists():
         partial = target.with_name(target.name + ".partial")
-        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:  # noqa: S310 - catalog URLs are http(s)/file
+        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=entry.name) as bar:
                 while block := response.read(chunk_mb << 20):

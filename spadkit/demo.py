@@ -118,6 +118,6 @@ def run_demo(out: str | os.PathLike = "demo_output") -> tuple[IngestReport, Path
     out = Path(out)
     dataset = build_demo_dataset(out / "dataset")
     store_url = str(out / "demo.zarr")
-    report = ingest(dataset, store_url, layout="flat")
+    report = ingest(dataset, store_url, layout="flat", classes=TISSUE_CLASSES)
     picture = montage(OMEZarrStore(store_url), out / "montage.png")
     return report, picture

@@ -179,7 +179,7 @@ def load_case(source: CaseSource, modality: str | None = None, classes: dict[int
                     fix="all channels of a case must have the same shape and affine.",
                 )
         image = Volume(np.concatenate([c.array for c in channels]), image.affine, meta=image.meta)
-    image.modality = modality or image.modality or sidecar_modality(source.images[0])
+    image.modality = _channel_modality(modality, image.num_channels) or image.modality or sidecar_modality(source.images[0])
     data = image.array
     bad = int(data.size - np.count_nonzero(np.isfinite(data))) if np.issubdtype(data.dtype, np.floating) else 0
     if bad:
@@ -193,6 +193,21 @@ def load_case(source: CaseSource, modality: str | None = None, classes: dict[int
         label = read_label(source.label, classes=classes).load()
         label.check_matches(image)
     return image.canonical().load(), (label.canonical().load() if label is not None else None)
+
+
+def _channel_modality(codes: str | None, num_channels: int) -> str | None:
+    """The modality string for a case from comma-joined ``codes``.
+
+    One code per channel is kept as given (one code when they all agree); a list
+    that does not match the channel count describes a mixed-modality dataset
+    (AMOS: CT and MR scans) and says nothing about this case.
+    """
+    if not codes:
+        return None
+    parts = codes.split(",")
+    if len(set(parts)) == 1:
+        return parts[0]
+    return codes if len(parts) == num_channels else None
 
 
 def sidecar_modality(image_path: Path) -> str | None:
@@ -272,6 +287,7 @@ def ingest(
     entry: DatasetEntry | None = None,
     layout: str | None = None,
     modality: str | None = None,
+    classes: dict[int, str] | None = None,
     num_workers: int | None = None,
     scheduler_address: str | None = None,
     overwrite: bool = False,
@@ -285,6 +301,7 @@ def ingest(
         entry: catalog entry; gives layout, modality and label class names.
         layout: overrides the entry's/auto-detected layout (see :func:`discover_cases`).
         modality: overrides the entry's modality (e.g. ``"CT"``); comma-joined for several channels.
+        classes: label value -> class name; overrides the entry's ``label_classes``.
         num_workers: local threads (default: CPU count).
         scheduler_address: ``tcp://host:port`` of a ``dask.distributed`` scheduler.
         overwrite: redo cases that are already complete.
@@ -292,10 +309,10 @@ def ingest(
     """
     cases = discover_cases(dataset_dir, layout or (entry.layout if entry else None))
     if modality is None and entry is not None:
-        codes = entry.modality_codes
-        modality = codes[0] if len(set(codes)) == 1 else ",".join(codes)
+        modality = ",".join(entry.modality_codes)
     segmentation = entry is not None and entry.label_classes and any(t.value == "segmentation" for t in entry.task)
-    classes = dict(entry.label_classes) if segmentation else None
+    if classes is None and segmentation:
+        classes = dict(entry.label_classes)
     store = OMEZarrStore(store_url, mode="a")
     store.update_info(dataset=entry.name if entry else Path(dataset_dir).name, catalog_entry=entry.model_dump(mode="json") if entry else None, source=str(dataset_dir))
     report = IngestReport(store=store_url)

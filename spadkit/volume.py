@@ -26,7 +26,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from nibabel.orientations import aff2axcodes, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import (
+    aff2axcodes,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
 
 from spadkit.errors import GeometryMismatchError, InvalidImageError
 
@@ -340,7 +346,7 @@ class LabelVolume(Volume):
 def _as_integer_labels(array: Any, source: str | None) -> Any:
     """Cast a label array to an integer dtype; float labels must hold whole numbers."""
     dtype = np.dtype(array.dtype)
-    if dtype == bool:
+    if dtype == np.bool_:
         return array.astype(np.uint8)
     if np.issubdtype(dtype, np.integer):
         return array

@@ -48,7 +48,7 @@ def read_nifti(path: str | os.PathLike, *, modality: str | None = None) -> Volum
     if len(proxy.shape) == 5:  # (X, Y, Z, 1, C): index the singleton axis away
 
         def read(index: tuple) -> np.ndarray:
-            return proxy[index[:3] + (0,) + index[3:]]
+            return proxy[(*index[:3], 0, *index[3:])]
 
     else:
         read = proxy.__getitem__

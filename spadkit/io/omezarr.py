@@ -368,7 +368,9 @@ class OMEZarrStore:
         if name not in existing:
             labels.attrs["ome"] = {"version": NGFF.version, "labels": [*existing, name]}
         group = labels.require_group(name)
-        versions = list(group.attrs.get("spadkit", {}).get("versions", []))
+        previous = dict(group.attrs.get("spadkit", {}))
+        versions = list(previous.get("versions", []))
+        classes = label.classes or {int(k): v for k, v in previous.get("classes", {}).items()}  # an edit keeps the names
         number = versions[-1]["version"] + 1 if versions else 1
         prefix = f"v{number:04d}/"
         if prefix[:-1] in group:  # left by an interrupted save: never referenced, safe to replace
@@ -382,7 +384,7 @@ class OMEZarrStore:
             "axes": _AXES,
             "datasets": _datasets(prefix, factors, label.spacing, label.origin[::-1]),
         }
-        properties = [{"label-value": k, "name": v} for k, v in sorted(label.classes.items())]
+        properties = [{"label-value": k, "name": v} for k, v in sorted(classes.items())]
         group.attrs.put(
             {
                 "ome": {
@@ -390,7 +392,7 @@ class OMEZarrStore:
                     "multiscales": [multiscale],
                     "image-label": {"version": NGFF.version, "source": {"image": "../../"}, **({"properties": properties} if properties else {})},
                 },
-                "spadkit": {"versions": [*versions, entry], "classes": {str(k): v for k, v in label.classes.items()}},
+                "spadkit": {"versions": [*versions, entry], "classes": {str(k): v for k, v in classes.items()}},
             }
         )
         return number

@@ -1,0 +1,48 @@
+"""Shared fixtures: real small volumes shipped inside installed packages (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pydicom.data
+import pytest
+
+from spadkit.demo import _nilearn_file
+
+NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
+PYDICOM_DATA = Path(pydicom.data.__file__).parent / "test_files"
+
+
+@pytest.fixture(scope="session")
+def mni_t1_path() -> Path:
+    """nilearn's MNI152 2009a T1 template: 197x233x189 (x, y, z), 1 mm, RAS."""
+    return _nilearn_file("t1")
+
+
+@pytest.fixture(scope="session")
+def mni_gm_path() -> Path:
+    """nilearn's MNI152 gray-matter probability map on the T1's grid."""
+    return _nilearn_file("gm")
+
+
+@pytest.fixture(scope="session")
+def nibabel_data() -> Path:
+    return NIBABEL_DATA
+
+
+@pytest.fixture(scope="session")
+def pydicom_data() -> Path:
+    return PYDICOM_DATA
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def write_nifti_array(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """Save a NIfTI array given in nibabel's (x, y, z[, c]) order."""
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
