@@ -14,11 +14,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nrrd import NRRDError
 
 from spadkit.errors import CorruptFileError, SpadkitError
 
 #: Exceptions that decoders raise on truncated or garbled input.
-DECODE_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error, struct.error, ValueError, KeyError, IndexError)
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    EOFError, OSError, zlib.error, struct.error, ValueError, KeyError, IndexError, ImageFileError, NRRDError,
+)
 
 TRUNCATED_FIX = "the file is truncated or corrupt: download or export it again (compare its size or checksum with the source)."
 

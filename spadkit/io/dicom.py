@@ -126,7 +126,7 @@ def _read_series(headers: list[tuple[Path, Dataset]], folder: Path) -> Volume:
     shapes = {s.shape for s in slices}
     if len(shapes) != 1:
         raise InvalidImageError(f"slices differ in size {sorted(shapes)}", path=folder, fix="keep one series per folder.")
-    array = np.stack(slices, axis=1)  # (C, Z, Y, X)
+    array = np.concatenate(slices, axis=1)  # each slice is (C, 1, Y, X)
     step = (positions[ordered[-1][0]] - positions[ordered[0][0]]) / (len(ordered) - 1)
     affine = _affine(first, row_dir, col_dir, step, positions[ordered[0][0]])
     return Volume(array, affine, modality=_modality(first), meta=_meta(first, folder, len(ordered)))

@@ -35,8 +35,8 @@ def read_nifti(path: str | os.PathLike, *, modality: str | None = None) -> Volum
         proxy = image.dataobj
         shape = tuple(int(s) for s in proxy.shape)
         dtype = np.asarray(proxy[(slice(0, 1),) * len(shape)]).dtype  # scaled dtype; cheap even for .gz
-    zooms = image.header.get_zooms()[:3]
-    if len(shape) >= 3 and any(z <= 0 for z in zooms):
+    zooms = _raw_pixdim(path, image)[: min(len(shape), 3)]
+    if any(z <= 0 for z in zooms):
         raise InvalidImageError(
             f"header pixdim gives non-positive spacing {tuple(float(z) for z in zooms)} mm (x, y, z)",
             path=path,
@@ -58,6 +58,13 @@ def read_nifti(path: str | os.PathLike, *, modality: str | None = None) -> Volum
         array = array[:, :, None]
     order = (3, 2, 1, 0) if array.ndim == 4 else (2, 1, 0)
     return Volume(array.transpose(order), image.affine, modality=modality, meta={"source": path, "format": "nifti"})
+
+
+def _raw_pixdim(path: str, image: nib.Nifti1Image) -> tuple[float, ...]:
+    """Voxel sizes as written in the file; nibabel's loader silently turns 0 or -2 mm into 1 or 2 mm."""
+    with reading(path, "not a readable NIfTI header"), nib.openers.ImageOpener(path) as f:
+        raw = type(image.header).from_fileobj(f, check=False)
+    return tuple(float(v) for v in raw["pixdim"][1:4])
 
 
 def _squeeze_singleton_time_axis(shape: tuple[int, ...], path: str) -> tuple[int, ...]:
