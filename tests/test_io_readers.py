@@ -132,8 +132,10 @@ def test_nifti_pixdim_only_geometry_is_read(tmp_path):
     assert vol.spacing == pytest.approx((2.0, 0.75, 0.5))
 
 
-def test_nifti_zero_pixdim_rejected(tmp_path):
-    path = _write_nifti_without_orientation(tmp_path / "zero.nii", (0.0, 1.0, 1.0))
+@pytest.mark.parametrize("zooms", [(0.0, 1.0, 1.0), (1.0, 1.0, -2.0)], ids=["zero", "negative"])
+def test_nifti_non_positive_pixdim_rejected(tmp_path, zooms):
+    """nibabel's loader silently rewrites such pixdims (0 -> 1, -2 -> 2); spadkit must refuse them."""
+    path = _write_nifti_without_orientation(tmp_path / "bad.nii", zooms)
     with pytest.raises(InvalidImageError, match="spacing") as info:
         read_volume(path)
     assert info.value.path == str(path)
@@ -394,14 +396,7 @@ def test_nrrd_vector_axis_becomes_channels(tmp_path, rng):
     np.testing.assert_array_equal(vol.numpy(), data.transpose(0, 3, 2, 1))
 
 
-
-@pytest.mark.parametrize(
-    "cut",
-    [
-        pytest.param("half-data", ),
-        pytest.param("header", ),
-    ],
-)
+@pytest.mark.parametrize("cut", ["half-data", "header"])
 def test_truncated_nrrd_raises_corrupt(tmp_path, rng, cut):
     """Cut a raw float32 NRRD half-way through its data (on a voxel boundary) or inside its header."""
     src = tmp_path / "full.nrrd"
