@@ -172,7 +172,7 @@ def load_case(source: CaseSource, modality: str | None = None, classes: dict[int
     image = channels[0]
     if len(channels) > 1:
         for other in channels[1:]:
-            if other.spatial_shape != image.spatial_shape or not np.allclose(other.affine, image.affine, atol=1e-3):
+            if not other.shares_grid(image):
                 raise InvalidImageError(
                     f"channel file does not share the grid of {source.images[0].name}",
                     path=other.source,

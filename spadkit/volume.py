@@ -195,6 +195,10 @@ class Volume:
         """True when the voxels are still on disk (Dask or Zarr array)."""
         return not isinstance(self.array, np.ndarray)
 
+    def shares_grid(self, other: Volume) -> bool:
+        """True when ``other`` has the same spatial shape and affine (within :data:`AFFINE_ATOL_MM`)."""
+        return self.spatial_shape == other.spatial_shape and np.allclose(self.affine, other.affine, atol=AFFINE_ATOL_MM)
+
     def numpy(self) -> np.ndarray:
         """The voxels as an in-memory NumPy array ``(C, Z, Y, X)``."""
         array = self.array
