@@ -175,7 +175,9 @@ def _write_levels(
             dimension_names=("c", "z", "y", "x"),
             fill_value=0,
             overwrite=True,
-            config={"write_empty_chunks": True} if label else None,
+            # Every chunk is written, even all-fill ones: a chunk file missing later
+            # then means the store lost data (readers check), not "all background".
+            config={"write_empty_chunks": True},
         )
         array[...] = level_data
 
@@ -293,6 +295,7 @@ class OMEZarrStore:
             "spacing_zyx_mm": list(image.spacing),
             "shape_czyx": list(image.shape),
             "pyramid_factors_zyx": [list(f) for f in factors],
+            "all_chunks_written": True,
             "written": now_iso(),
             "complete": True,
         }

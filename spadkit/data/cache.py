@@ -1,0 +1,157 @@
+"""Bounded cache of decoded Zarr chunks, and window reads assembled from it.
+
+A training patch touches a handful of chunks (a 96^3 window over 64^3 chunks
+touches 8 to 27); neighbouring patches of the same case share most of them.
+:class:`ChunkCache` keeps decoded chunks in an LRU bounded in bytes, shared by
+all reader threads of a process, so each chunk is decoded once while it stays
+hot and a patch costs a few memory copies. On a miss, all missing chunks of a
+window are fetched in one Zarr read (Zarr decodes them concurrently).
+
+Why not ``dask.array.from_zarr``: reading a patch through Dask was ~2.5x slower
+than slicing Zarr here, and a Dask compute hangs in forked DataLoader workers
+(PITFALLS 1, 2). Dask stays in ingest and preprocessing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from spadkit.errors import CorruptFileError, StoreError
+
+ChunkKey = tuple[str, tuple[int, ...]]
+
+
+class ChunkCache:
+    """Thread-safe LRU of decoded chunks, bounded by total bytes.
+
+    Args:
+        max_bytes: upper bound of the decoded bytes held (``0`` disables caching).
+    """
+
+    def __init__(self, max_bytes: int = 512 << 20):
+        if max_bytes < 0:
+            raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._chunks: OrderedDict[ChunkKey, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def get(self, key: ChunkKey) -> np.ndarray | None:
+        with self._lock:
+            chunk = self._chunks.get(key)
+            if chunk is None:
+                self.misses += 1
+                return None
+            self._chunks.move_to_end(key)
+            self.hits += 1
+            return chunk
+
+    def put(self, key: ChunkKey, chunk: np.ndarray) -> None:
+        if chunk.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._chunks.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._chunks[key] = chunk
+            self._bytes += chunk.nbytes
+            while self._bytes > self.max_bytes:
+                _, evicted = self._chunks.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._chunks.clear()
+            self._bytes = 0
+
+
+class CachedArray:
+    """Window reads of one Zarr array through a :class:`ChunkCache`.
+
+    Args:
+        array: the Zarr array (any number of dimensions).
+        cache: the shared cache.
+        check_missing: raise when a chunk file is absent instead of reading the fill
+            value; right for arrays whose writer stored every chunk.
+    """
+
+    def __init__(self, array: zarr.Array, cache: ChunkCache, *, check_missing: bool = False):
+        self.array = array
+        self.cache = cache
+        self.check_missing = check_missing
+        self.name = f"{array.store_path}"
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self.shape = tuple(int(s) for s in array.shape)
+        self._storage_grid = tuple(int(s) for s in (array.shards or array.chunks))
+        self._verified: set[tuple[int, ...]] = set()
+
+    def read(self, box: Sequence[slice], out: np.ndarray) -> None:
+        """Copy ``array[box]`` into ``out`` (same shape; any dtype: values are cast).
+
+        ``box`` holds one in-bounds slice with step 1 per dimension.
+        """
+        ranges = [range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0) for s, c in zip(box, self.chunks)]
+        indices = list(itertools.product(*ranges))
+        chunks = {idx: self.cache.get((self.name, idx)) for idx in indices}
+        missing = [idx for idx, chunk in chunks.items() if chunk is None]
+        if missing:
+            chunks.update(self._fetch(missing))
+        for idx, chunk in chunks.items():
+            source, target = [], []
+            for i, s, c in zip(idx, box, self.chunks):
+                lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
+                source.append(slice(lo - i * c, hi - i * c))
+                target.append(slice(lo - s.start, hi - s.start))
+            out[tuple(target)] = chunk[tuple(source)]
+
+    def _fetch(self, indices: list[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
+        """Read the chunk-aligned box around ``indices`` in one Zarr call and cache its chunks."""
+        if self.check_missing:
+            self._check_stored(indices)
+        lo = [min(idx[d] for idx in indices) for d in range(len(self.shape))]
+        hi = [max(idx[d] for idx in indices) + 1 for d in range(len(self.shape))]
+        box = tuple(slice(a * c, min(b * c, n)) for a, b, c, n in zip(lo, hi, self.chunks, self.shape))
+        try:
+            block = np.asarray(self.array[box])
+        except Exception as error:  # codec errors differ per codec and zarr version
+            raise CorruptFileError(
+                f"cannot decode chunks {lo}..{hi} of this array ({type(error).__name__}: {error})",
+                path=self.name,
+                fix="the chunk files are damaged: copy the store again or re-ingest this case with `spadkit ingest`.",
+            ) from error
+        fetched = {}
+        for idx in itertools.product(*(range(a, b) for a, b in zip(lo, hi))):
+            sub = tuple(slice((i - a) * c, min((i + 1) * c, n) - a * c) for i, a, c, n in zip(idx, lo, self.chunks, self.shape))
+            chunk = np.ascontiguousarray(block[sub])
+            self.cache.put((self.name, idx), chunk)
+            fetched[idx] = chunk
+        return {idx: fetched[idx] for idx in indices}
+
+    def _check_stored(self, indices: list[tuple[int, ...]]) -> None:
+        """Raise :class:`StoreError` if the storage object (chunk or shard) holding a chunk is absent."""
+        per_storage = [tuple(i * c // g for i, c, g in zip(idx, self.chunks, self._storage_grid)) for idx in indices]
+        for key_idx in set(per_storage) - self._verified:
+            key = self.array.metadata.encode_chunk_key(key_idx)
+            if not sync((self.array.store_path / key).exists()):
+                raise StoreError(
+                    f"chunk file {key} is missing (the store lost data, e.g. an interrupted copy)",
+                    path=self.name,
+                    fix="copy the store again, or re-ingest this case with `spadkit ingest` (it redoes removed cases).",
+                )
+            self._verified.add(key_idx)

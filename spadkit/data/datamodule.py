@@ -1,0 +1,130 @@
+"""Lightning ``DataModule`` over :class:`~spadkit.data.PatchStream`.
+
+Lightning does not shard an ``IterableDataset``: this module reads the rank
+and world size from the trainer in ``setup`` and hands them to the stream,
+which gives every rank the same number of batches. Augmentation runs in
+``on_after_batch_transfer``, i.e. on the training device, and the stream's
+position is saved in checkpoints (``state_dict``) so a resumed run continues
+with the batch after the last one trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+
+from spadkit.data.augment import BatchAugment
+from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
+from spadkit.data.reader import Intensity
+from spadkit.data.sources import DatasetSource, Mixing
+from spadkit.data.stream import PatchStream, StreamLoader
+
+
+class PatchDataModule(L.LightningDataModule):
+    """Training (and optional validation) patch streams for a Lightning ``Trainer``.
+
+    Args:
+        train: training stores or :class:`DatasetSource` objects.
+        val: validation sources (default none); streamed with a fixed epoch, so
+            every validation sees the same patches.
+        patch_size: voxels (spacing-aware along the finest axis) or a :class:`PatchSize`.
+        batch_size, samples_per_case, mixing, visits_per_epoch, seed, num_threads,
+        cache_bytes, intensity: see :class:`PatchStream`.
+        sampler: ``"uniform"`` or ``"label"`` (foreground oversampling; the sources
+            need ``label=...``).
+        foreground_ratio: share of foreground-centred patches for ``sampler="label"``.
+        num_workers: DataLoader worker processes (0: threads in the training process,
+            usually fastest, see benchmarks/loader.py).
+        augment: a :class:`BatchAugment`, ``True`` for the default one, or ``None``.
+        pin_memory: pin batches for faster host-to-GPU copies.
+    """
+
+    def __init__(
+        self,
+        train: Sequence[DatasetSource | str | Path],
+        val: Sequence[DatasetSource | str | Path] | None = None,
+        patch_size: PatchSize | int | Sequence[int] = 96,
+        batch_size: int = 2,
+        samples_per_case: int = 8,
+        mixing: Mixing = "proportional",
+        visits_per_epoch: int | None = None,
+        seed: int = 0,
+        sampler: Literal["uniform", "label"] = "uniform",
+        foreground_ratio: float = 0.33,
+        num_threads: int = 2,
+        num_workers: int = 0,
+        cache_bytes: int = 512 << 20,
+        intensity: Intensity = "percentile",
+        augment: BatchAugment | bool | None = None,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if sampler not in ("uniform", "label"):
+            raise ValueError(f"sampler must be 'uniform' or 'label', not {sampler!r}")
+        self.train_sources = list(train)
+        self.val_sources = list(val or [])
+        self.stream_args: dict[str, Any] = {
+            "patch_size": patch_size,
+            "batch_size": batch_size,
+            "samples_per_case": samples_per_case,
+            "mixing": mixing,
+            "seed": seed,
+            "sampler": LabelSampler(foreground_ratio) if sampler == "label" else UniformSampler(),
+            "num_threads": num_threads,
+            "cache_bytes": cache_bytes,
+            "intensity": intensity,
+        }
+        self.visits_per_epoch = visits_per_epoch
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.augment = BatchAugment(seed=seed) if augment is True else (augment or None)
+        self.train_stream: PatchStream | None = None
+        self.val_stream: PatchStream | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def _place(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = self._place()
+        if self.train_stream is None and stage in (None, "fit"):
+            self.train_stream = PatchStream(self.train_sources, visits_per_epoch=self.visits_per_epoch, rank=rank, world_size=world, **self.stream_args)
+            if self._pending_state is not None:
+                self.train_stream.load_state_dict(self._pending_state)
+        if self.val_stream is None and self.val_sources and stage in (None, "fit", "validate"):
+            self.val_stream = PatchStream(self.val_sources, rank=rank, world_size=world, fixed_epoch=0, **self.stream_args)
+
+    def _loader(self, stream: PatchStream) -> StreamLoader:
+        return StreamLoader(stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> StreamLoader:
+        self.setup("fit")
+        return self._loader(self.train_stream)
+
+    def val_dataloader(self) -> StreamLoader | list:
+        self.setup("validate")
+        return self._loader(self.val_stream) if self.val_stream is not None else []
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            self.train_stream.mark_consumed(batch["position"])
+            if self.augment is not None:
+                batch = self.augment(batch)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_stream": self.train_stream.state_dict()} if self.train_stream is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stream_state = state_dict.get("train_stream")
+        if stream_state is None:
+            return
+        if self.train_stream is not None:
+            self.train_stream.load_state_dict(stream_state)
+        else:
+            self._pending_state = stream_state

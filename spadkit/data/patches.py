@@ -1,0 +1,210 @@
+"""Patch geometry: how big a patch is for a given spacing, and where it is taken.
+
+All shapes, starts and sizes here are ``(Z, Y, X)`` in voxels of the level
+being read; spacings are ``(Z, Y, X)`` in mm. A window may reach outside the
+volume (a case shorter than the patch along an axis): the reader pads it, so
+no sampler ever has to shrink a patch.
+
+Samplers:
+
+* :class:`UniformSampler`: every position of the patch inside the volume is equally likely.
+* :class:`LabelSampler`: with probability ``foreground_ratio`` the patch is centred
+  on a voxel of a randomly chosen foreground class (nnU-Net's oversampling),
+  otherwise uniform.
+* :func:`grid_windows`: overlapping windows that tile a volume, for inference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Shape3 = tuple[int, int, int]
+Spacing3 = tuple[float, float, float]
+Multiple = int | Sequence[int] | Callable[[Spacing3], Sequence[int]]
+
+
+@dataclass(frozen=True)
+class PatchSize:
+    """How big a training patch is, as a function of the case's spacing.
+
+    Give exactly one of ``voxels`` and ``mm``.
+
+    Args:
+        voxels: patch edge in voxels ``(Z, Y, X)`` (or one int for a cube). With
+            ``spacing_aware=True`` it holds along the case's finest axis and the
+            other axes cover the same physical extent: 96^3 voxels becomes
+            32 x 96 x 96 on a 3 x 1 x 1 mm volume. With ``spacing_aware=False`` every
+            case gets exactly this many voxels.
+        mm: physical patch extent ``(Z, Y, X)`` in mm (always spacing-aware).
+        spacing_aware: see ``voxels``.
+        multiple: every patch edge is rounded to a multiple of this, per axis: an int,
+            a ``(Z, Y, X)`` tuple, or a function of the spacing returning one (the
+            model's total stride from its spacing rule, so the token grid is whole).
+
+    A 2D image (one slice) always gets a one-slice patch.
+    """
+
+    voxels: int | Sequence[int] | None = None
+    mm: float | Sequence[float] | None = None
+    spacing_aware: bool = True
+    multiple: Multiple = 1
+
+    def __post_init__(self) -> None:
+        if (self.voxels is None) == (self.mm is None):
+            raise ValueError("give the patch size either in voxels or in mm, not both or neither")
+        for value in _triple(self.voxels if self.voxels is not None else self.mm):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"patch sizes must be positive, got {self.voxels or self.mm}")
+
+    def shape_for(self, spacing: Sequence[float], spatial_shape: Sequence[int]) -> Shape3:
+        """Patch shape ``(Z, Y, X)`` in voxels for a case of this spacing and shape."""
+        is_2d = spatial_shape[0] == 1
+        spacing = tuple(float(s) for s in spacing)
+        multiple = _multiple(self.multiple, spacing)
+        if self.mm is not None:
+            voxels = [e / s for e, s in zip(_triple(self.mm), spacing)]
+        elif self.spacing_aware:
+            finest = min(spacing[1:]) if is_2d else min(spacing)
+            voxels = [v * finest / s for v, s in zip(_triple(self.voxels), spacing)]
+        else:
+            voxels = list(_triple(self.voxels))
+        shape = [max(m, m * round(v / m)) for v, m in zip(voxels, multiple)]
+        if is_2d:
+            shape[0] = 1
+        return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (value, value, value)
+    if len(value) != 3:
+        raise ValueError(f"expected one value or three (Z, Y, X), got {value!r}")
+    return tuple(value)
+
+
+def _multiple(multiple: Multiple, spacing: Spacing3) -> tuple[int, int, int]:
+    value = multiple(spacing) if callable(multiple) else multiple
+    triple = _triple(value)
+    if any(int(m) != m or m < 1 for m in triple):
+        raise ValueError(f"patch multiples must be positive integers, got {value!r}")
+    return tuple(int(m) for m in triple)
+
+
+def window_slices(start: Sequence[int], size: Sequence[int], shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Clamp a window to a volume.
+
+    Returns:
+        ``(source, target)``: slices into the volume and into the ``size``-shaped
+        patch; voxels of the patch outside ``target`` are padding. Both are empty
+        slices along an axis where the window misses the volume entirely.
+    """
+    source, target = [], []
+    for s0, n, length in zip(start, size, shape):
+        lo, hi = max(s0, 0), min(s0 + n, length)
+        hi = max(hi, lo)
+        source.append(slice(lo, hi))
+        target.append(slice(lo - s0, hi - s0))
+    return tuple(source), tuple(target)
+
+
+def uniform_start(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator) -> Shape3:
+    """A uniformly random window start. Where the volume is shorter than the patch
+    the volume lands at a random offset inside it (the rest is padding)."""
+    starts = []
+    for length, size in zip(shape, patch):
+        if length >= size:
+            starts.append(int(rng.integers(0, length - size + 1)))
+        else:
+            starts.append(-int(rng.integers(0, size - length + 1)))
+    return tuple(starts)
+
+
+def centred_start(centre: Sequence[int], shape: Sequence[int], patch: Sequence[int]) -> Shape3:
+    """Start of a window around ``centre``, moved inside the volume where it fits."""
+    starts = []
+    for c, length, size in zip(centre, shape, patch):
+        start = int(c) - size // 2
+        if length >= size:
+            start = min(max(start, 0), length - size)
+        else:
+            start = -((size - length) // 2)
+        starts.append(start)
+    return tuple(starts)
+
+
+class UniformSampler:
+    """Patch starts drawn uniformly over the volume."""
+
+    needs_labels = False
+
+    def start(self, shape: Shape3, patch: Shape3, rng: np.random.Generator, locations: Mapping[int, np.ndarray] | None = None) -> Shape3:
+        return uniform_start(shape, patch, rng)
+
+    def __repr__(self) -> str:
+        return "UniformSampler()"
+
+
+class LabelSampler:
+    """Oversample foreground: with probability ``foreground_ratio`` centre the patch on a
+    voxel of a foreground class (picked uniformly among ``classes`` present in the case),
+    otherwise sample uniformly. A case without foreground is sampled uniformly.
+
+    Args:
+        foreground_ratio: probability in [0, 1] of a foreground-centred patch
+            (nnU-Net uses 0.33).
+        classes: label values counted as foreground (default: every value > 0).
+    """
+
+    needs_labels = True
+
+    def __init__(self, foreground_ratio: float = 0.33, classes: Sequence[int] | None = None):
+        if not 0.0 <= foreground_ratio <= 1.0:
+            raise ValueError(f"foreground_ratio must lie in [0, 1], got {foreground_ratio}")
+        self.foreground_ratio = float(foreground_ratio)
+        self.classes = None if classes is None else tuple(int(c) for c in classes)
+
+    def start(self, shape: Shape3, patch: Shape3, rng: np.random.Generator, locations: Mapping[int, np.ndarray] | None = None) -> Shape3:
+        """``locations`` maps class -> ``(N, 3)`` voxel coordinates ``(z, y, x)`` of that class."""
+        present = [c for c, coords in (locations or {}).items() if len(coords) and (self.classes is None or c in self.classes)]
+        if not present or rng.random() >= self.foreground_ratio:
+            return uniform_start(shape, patch, rng)
+        coords = locations[present[int(rng.integers(len(present)))]]
+        centre = coords[int(rng.integers(len(coords)))]
+        return centred_start(centre, shape, patch)
+
+    def __repr__(self) -> str:
+        return f"LabelSampler(foreground_ratio={self.foreground_ratio}, classes={self.classes})"
+
+
+def grid_windows(shape: Sequence[int], patch: Sequence[int], overlap: float | Sequence[float] = 0.5) -> list[Shape3]:
+    """Window starts that tile a volume with the given fractional overlap.
+
+    The last window along each axis is aligned to the volume's end, so every voxel
+    is covered and no window reaches past the volume unless the volume is shorter
+    than the patch (then one centred, padded window covers that axis).
+
+    Args:
+        shape: volume ``(Z, Y, X)`` in voxels.
+        patch: window ``(Z, Y, X)`` in voxels.
+        overlap: fraction in [0, 1) of the patch shared by neighbours, per axis or one value.
+
+    Returns:
+        Starts ``(z, y, x)`` in C order (x fastest).
+    """
+    overlaps = _triple(overlap)
+    if any(not 0 <= o < 1 for o in overlaps):
+        raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
+    per_axis = []
+    for length, size, ov in zip(shape, patch, overlaps):
+        if length <= size:
+            per_axis.append([-((size - length) // 2)])
+            continue
+        step = max(1, int(size * (1 - ov)))
+        count = math.ceil((length - size) / step) + 1
+        starts = [min(i * step, length - size) for i in range(count)]
+        per_axis.append(sorted(set(starts)))
+    return [(z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]

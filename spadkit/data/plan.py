@@ -1,0 +1,141 @@
+"""The epoch plan: which cases each batch of each rank comes from.
+
+The plan is a pure function of the seed, the epoch and the case index, so every
+DDP rank and every DataLoader worker computes the same plan on its own, without
+communicating, and a resumed run recomputes it exactly:
+
+1. Visits per dataset follow the mixing probabilities (largest-remainder
+   rounding of ``visits_per_epoch``). Within a dataset, cases are visited in
+   shuffled order, cycling when a dataset gets more visits than cases, so every
+   case is visited ``floor`` or ``ceil`` of its share and none is left out.
+2. Visits are shuffled, then grouped ``batch_size`` at a time among cases whose
+   patches can share a batch (same channels and patch shape: one token grid per
+   batch). A group yields ``samples_per_case`` batches, each with one patch from
+   every case of the group (as TorchIO's ``samples_per_volume``).
+3. Groups are shuffled and padded by wrap-around to a multiple of the world
+   size; rank ``r`` takes groups ``r, r + world, ...``. Every rank therefore
+   has the same number of batches (unequal counts hang NCCL, PITFALLS 10), no
+   visit is dropped, and only the few padding groups repeat a visit.
+4. Batches are ordered so that ``interleave`` consecutive groups alternate,
+   which mixes cases across consecutive steps while keeping each case's chunks
+   hot in the cache.
+
+A DataLoader with ``K`` workers gives worker ``w`` the batches ``i`` with
+``i % K == w``; the loader's in-order delivery then yields exactly the rank's
+batch sequence, whatever ``K`` is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from spadkit.data.sources import allocate_visits
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """One batch of the plan: where its patches come from and how to seed them."""
+
+    index: int
+    """Position in the rank's batch sequence."""
+    group: int
+    """Global group id (the same on every rank)."""
+    step: int
+    """Which of the group's ``samples_per_case`` batches this is."""
+    cases: tuple[tuple[int, int], ...]
+    """``(dataset index, case index)`` per patch."""
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """A rank's batches for one epoch (see the module docstring)."""
+
+    epoch: int
+    group_ids: np.ndarray
+    """``(G,)`` global ids of this rank's groups."""
+    slots: np.ndarray
+    """``(G, B, 2)``: ``(dataset, case)`` of each patch slot of each group."""
+    order: np.ndarray
+    """``(G * S, 2)``: ``(local group, step)`` of each batch, in delivery order."""
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def batch(self, index: int) -> BatchSpec:
+        local, step = (int(v) for v in self.order[index])
+        cases = tuple((int(d), int(c)) for d, c in self.slots[local])
+        return BatchSpec(index=index, group=int(self.group_ids[local]), step=step, cases=cases)
+
+
+def make_plan(
+    batch_keys: Sequence[Sequence[Hashable]],
+    visit_shares: np.ndarray,
+    *,
+    visits_per_epoch: int,
+    batch_size: int,
+    samples_per_case: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    interleave: int = 4,
+) -> EpochPlan:
+    """Build the plan of one rank for one epoch.
+
+    Args:
+        batch_keys: per dataset, per case, a key; only cases with equal keys share a
+            batch (channels, patch shape, whether labels are read).
+        visit_shares: per-dataset share of visits (sums to 1).
+        visits_per_epoch: total case visits over all ranks.
+        batch_size: patches per batch (cases per group).
+        samples_per_case: batches per group (patches per visit).
+        seed, epoch: the plan's randomness.
+        rank, world_size: this process's place in DDP.
+        interleave: consecutive groups whose batches alternate.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    rng = np.random.default_rng([seed, epoch])
+    counts = allocate_visits(visits_per_epoch, visit_shares)
+    visits = []
+    for dataset, (count, keys) in enumerate(zip(counts, batch_keys)):
+        if count:
+            rounds = -(-int(count) // len(keys))
+            cases = np.concatenate([rng.permutation(len(keys)) for _ in range(rounds)])[:count]
+            visits.extend((dataset, int(c)) for c in cases)
+    visits = [visits[i] for i in rng.permutation(len(visits))]
+    groups = _group_by_key(visits, lambda v: batch_keys[v[0]][v[1]], batch_size)
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    padding = -len(groups) % world_size
+    groups += [groups[i % len(groups)] for i in range(padding)]
+    ids = np.arange(rank, len(groups), world_size)
+    slots = np.asarray([groups[i] for i in ids], dtype=np.int64).reshape(len(ids), batch_size, 2)
+    return EpochPlan(epoch=epoch, group_ids=ids, slots=slots, order=_interleaved_order(len(ids), samples_per_case, interleave))
+
+
+def _group_by_key(visits: list[tuple[int, int]], key, size: int) -> list[list[tuple[int, int]]]:
+    """Cut visits into groups of ``size`` with one key each; a short last group of a key
+    is filled by wrapping around that key's visits."""
+    buckets: dict[Hashable, list[tuple[int, int]]] = {}
+    for visit in visits:
+        buckets.setdefault(key(visit), []).append(visit)
+    groups = []
+    for bucket in buckets.values():
+        for start in range(0, len(bucket), size):
+            group = bucket[start : start + size]
+            group += [bucket[i % len(bucket)] for i in range(size - len(group))]
+            groups.append(group)
+    return groups
+
+
+def _interleaved_order(num_groups: int, steps: int, interleave: int) -> np.ndarray:
+    """``(num_groups * steps, 2)`` of ``(group, step)``: blocks of ``interleave`` groups,
+    step-major inside a block."""
+    order = []
+    for first in range(0, num_groups, interleave):
+        block = range(first, min(first + interleave, num_groups))
+        order.extend((g, s) for s in range(steps) for g in block)
+    return np.asarray(order, dtype=np.int64).reshape(-1, 2)

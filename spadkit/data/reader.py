@@ -1,0 +1,174 @@
+"""Reading one case's patches: padded windows, intensity scaling and label locations.
+
+Intensity modes (per channel, from the statistics recorded at ingest):
+
+* ``"percentile"`` (default, PUMIT): clip to the case's 0.5-99.5 percentiles and
+  scale to [0, 1]; 8-bit images (``uint8``) are divided by 255 instead.
+* ``"zscore"``: subtract the case's mean and divide by its standard deviation.
+* ``"none"``: raw values as float32.
+
+Padding (where a window reaches outside the volume) takes the channel's
+minimum, so after scaling it reads as background; labels pad with 0.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import zarr
+
+from spadkit.data.cache import CachedArray, ChunkCache
+from spadkit.data.patches import window_slices
+from spadkit.data.sources import CaseInfo
+from spadkit.errors import StoreError
+
+Intensity = Literal["percentile", "zscore", "none"]
+INTENSITY_MODES = ("percentile", "zscore", "none")
+#: Foreground voxels kept per class for label-weighted sampling (a uniform subsample).
+MAX_LOCATIONS_PER_CLASS = 10_000
+#: Label locations are found on the coarsest level at most this many times coarser.
+MAX_LOCATION_FACTOR = 4
+
+
+class CaseReader:
+    """Patches of one case, read through a shared chunk cache."""
+
+    def __init__(self, case: CaseInfo, cache: ChunkCache, intensity: Intensity = "percentile"):
+        self.case = case
+        root = f"{case.store.rstrip('/')}/{case.case_id}"
+        self.image = CachedArray(_open(f"{root}/{case.level}", case), cache, check_missing=case.all_chunks_written)
+        self.label = None
+        if case.label is not None:
+            label_array = _open(_latest_label_path(root, case), case)
+            self.label = CachedArray(label_array, cache, check_missing=case.all_chunks_written)
+        self.offset, self.scale, self.clip = intensity_transform(case, intensity)
+        self.pad_value = np.asarray([s.get("min", 0.0) for s in case.intensity] or [0.0] * case.shape[0], dtype=np.float32)
+        self._locations: dict[int, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def read_image(self, start: Sequence[int], out: np.ndarray) -> None:
+        """Fill ``out`` ``(C, pz, py, px)`` float32 with the scaled window at ``start`` (z, y, x)."""
+        source, target = window_slices(start, out.shape[1:], self.case.spatial_shape)
+        if any(t.stop - t.start < n for t, n in zip(target, out.shape[1:])):
+            out[...] = self.pad_value[:, None, None, None]
+        if all(s.stop > s.start for s in source):
+            self.image.read((slice(0, self.case.shape[0]), *source), out[(slice(None), *target)])
+        for channel, view in enumerate(out):
+            view -= self.offset[channel]
+            view *= self.scale[channel]
+            if self.clip:
+                np.clip(view, 0.0, 1.0, out=view)
+
+    def read_label(self, start: Sequence[int], out: np.ndarray) -> None:
+        """Fill ``out`` ``(1, pz, py, px)`` with the label window at ``start``; 0 outside the volume."""
+        source, target = window_slices(start, out.shape[1:], self.case.spatial_shape)
+        out[...] = 0
+        if all(s.stop > s.start for s in source):
+            self.label.read((slice(0, 1), *source), out[(slice(None), *target)])
+
+    def class_locations(self) -> dict[int, np.ndarray]:
+        """Foreground voxel coordinates per class, ``{class: (N, 3) int (z, y, x)}`` at the read level.
+
+        Found once per case on a coarse label level (at most
+        :data:`MAX_LOCATION_FACTOR` times coarser per axis), subsampled to at most
+        :data:`MAX_LOCATIONS_PER_CLASS` per class with a fixed seed, so every
+        worker and rank agrees.
+        """
+        with self._lock:
+            if self._locations is None:
+                self._locations = self._find_locations()
+            return self._locations
+
+    def _find_locations(self) -> dict[int, np.ndarray]:
+        case = self.case
+        base = np.asarray(case.pyramid_factors[case.level])
+        coarse = max(
+            (lvl for lvl in range(case.level, len(case.pyramid_factors)) if np.all(np.asarray(case.pyramid_factors[lvl]) // base <= MAX_LOCATION_FACTOR)),
+            default=case.level,
+        )
+        ratio = np.asarray(case.pyramid_factors[coarse]) // base
+        path = _latest_label_path(f"{case.store.rstrip('/')}/{case.case_id}", case, level=coarse)
+        labels = np.asarray(_open(path, case)[0])
+        rng = np.random.default_rng(0)
+        locations = {}
+        for value in np.unique(labels):
+            if value == 0:
+                continue
+            coords = np.argwhere(labels == value)
+            if len(coords) > MAX_LOCATIONS_PER_CLASS:
+                coords = coords[rng.choice(len(coords), MAX_LOCATIONS_PER_CLASS, replace=False)]
+            centre = coords * ratio + ratio // 2
+            locations[int(value)] = np.minimum(centre, np.asarray(case.spatial_shape) - 1).astype(np.int32)
+        return locations
+
+
+def intensity_transform(case: CaseInfo, mode: Intensity) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(offset[C], scale[C], clip)`` so that ``(x - offset) * scale`` (clipped to [0, 1]
+    when ``clip``) is the scaled intensity."""
+    channels = case.shape[0]
+    if mode not in INTENSITY_MODES:
+        raise ValueError(f"intensity must be one of {INTENSITY_MODES}, not {mode!r}")
+    if mode == "none":
+        return np.zeros(channels, np.float32), np.ones(channels, np.float32), False
+    if mode == "percentile" and case.dtype == "uint8":
+        return np.zeros(channels, np.float32), np.full(channels, 1 / 255, np.float32), False
+    stats = case.intensity
+    keys = ("p0.5", "p99.5") if mode == "percentile" else ("mean", "std")
+    if len(stats) != channels or any(k not in s for s in stats for k in keys):
+        raise StoreError(
+            f"case {case.case_id} lacks the intensity statistics {keys} needed for intensity={mode!r}",
+            path=case.store,
+            fix="re-ingest it with a current `spadkit ingest`, or pass intensity='none'.",
+        )
+    offset = np.asarray([s[keys[0]] for s in stats], np.float32)
+    if mode == "percentile":
+        spread = np.asarray([s["p99.5"] - s["p0.5"] for s in stats], np.float32)
+    else:
+        spread = np.asarray([s["std"] for s in stats], np.float32)
+    return offset, (1.0 / np.where(spread > 0, spread, 1.0)).astype(np.float32), mode == "percentile"
+
+
+class ReaderPool:
+    """Open :class:`CaseReader` objects of one process, least recently used closed first."""
+
+    def __init__(self, cache: ChunkCache, intensity: Intensity, max_open: int = 256):
+        self.cache = cache
+        self.intensity = intensity
+        self.max_open = max_open
+        self._readers: OrderedDict[tuple[str, str], CaseReader] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, case: CaseInfo) -> CaseReader:
+        key = (case.store, case.case_id)
+        with self._lock:
+            reader = self._readers.get(key)
+            if reader is not None:
+                self._readers.move_to_end(key)
+                return reader
+        reader = CaseReader(case, self.cache, self.intensity)
+        with self._lock:
+            self._readers[key] = reader
+            while len(self._readers) > self.max_open:
+                self._readers.popitem(last=False)
+        return reader
+
+
+def _open(path: str, case: CaseInfo) -> zarr.Array:
+    try:
+        return zarr.open_array(path, mode="r", zarr_format=3)
+    except (FileNotFoundError, KeyError) as error:
+        raise StoreError(
+            f"array {path} of case {case.case_id} is missing",
+            path=case.store,
+            fix="the store changed since it was indexed or lost files: copy it again or re-ingest the case.",
+        ) from error
+
+
+def _latest_label_path(root: str, case: CaseInfo, level: int | None = None) -> str:
+    group = zarr.open_group(f"{root}/labels/{case.label}", mode="r", zarr_format=3)
+    latest = group.attrs["spadkit"]["versions"][-1]["path"]
+    return f"{root}/labels/{case.label}/{latest}/{case.level if level is None else level}"

@@ -1,0 +1,297 @@
+"""``PatchStream``: batches of spacing-aware patches straight from OME-Zarr stores.
+
+Iterating a stream yields one epoch of ready-made batches (dicts of tensors)::
+
+    stream = PatchStream(["brains.zarr", DatasetSource("ct.zarr", weight=0.5)], patch_size=96)
+    for batch in stream:                      # or DataLoader(stream, batch_size=None)
+        batch["image"]   # (B, C, Z, Y, X) float32, scaled intensities
+        batch["spacing"] # (B, 3) float64, mm (Z, Y, X)
+
+Patches are read in a pool of threads inside the consuming process (blosc
+decoding and numpy copies release the GIL), so a batch never crosses a process
+boundary; moving float patches between processes is what caps DataLoader
+worker processes (PITFALLS 16, benchmarks/loader.py). The stream also works
+under a ``DataLoader`` with worker processes: each worker produces every
+``K``-th batch of the same plan, so the sequence is identical either way.
+
+Sharding, seeding and resuming follow from :mod:`spadkit.data.plan`: a batch's
+content depends only on ``(seed, epoch, group, step, slot)``, never on the rank
+count's worker layout, and ``state_dict()`` / ``load_state_dict()`` hold
+``(epoch, next batch)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from spadkit.data.cache import ChunkCache
+from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
+from spadkit.data.plan import BatchSpec, EpochPlan, make_plan
+from spadkit.data.reader import INTENSITY_MODES, Intensity, ReaderPool
+from spadkit.data.sources import CaseInfo, DatasetSource, Mixing, dataset_probabilities, index_source
+
+Sampler = UniformSampler | LabelSampler
+
+
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: from ``torch.distributed`` when it is
+    initialised, else from torchrun's ``RANK``/``WORLD_SIZE`` environment, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class PatchStream(IterableDataset):
+    """An epoch-based, sharded, resumable stream of patch batches.
+
+    Args:
+        sources: stores (paths/URLs) or :class:`DatasetSource` objects.
+        patch_size: a :class:`PatchSize`, or voxels (int or ``(Z, Y, X)``) taken
+            spacing-aware along the finest axis.
+        batch_size: patches per batch (cases with the same patch shape and channels).
+        sampler: :class:`UniformSampler` (default) or :class:`LabelSampler`.
+        samples_per_case: patches drawn from a case per visit.
+        mixing: ``"proportional"``, ``"uniform"`` or a temperature (see :mod:`.sources`).
+        visits_per_epoch: case visits per epoch over all ranks (default: the number of cases).
+        seed: seed of the plan and the patch positions.
+        num_threads: reader threads in the consuming process (``0`` reads in the caller's thread).
+        prefetch: batches read ahead (default ``2 * num_threads``).
+        cache_bytes: bound of the decoded-chunk cache per process.
+        intensity: ``"percentile"``, ``"zscore"`` or ``"none"`` (see :mod:`.reader`).
+        interleave: consecutive groups whose batches alternate.
+        rank, world_size: DDP place (default: :func:`distributed_rank` at construction;
+            the DataModule sets them from the trainer).
+        fixed_epoch: always play this epoch from its first batch and never advance
+            (validation: the same patches every time).
+
+    Each batch is a dict: ``image`` ``(B, C, Z, Y, X)`` float32; ``label``
+    ``(B, 1, Z, Y, X)`` int64 when the sources have a ``label``; ``spacing``
+    ``(B, 3)`` mm ``(Z, Y, X)``; ``start`` ``(B, 3)`` voxel ``(z, y, x)`` of the
+    patch corner in the case (negative where padded); ``origin`` ``(B, 3)`` RAS mm
+    ``(x, y, z)`` of that corner voxel; ``affine`` ``(B, 4, 4)`` of the patch;
+    ``case_id``, ``dataset``, ``modality``: lists of B; ``position``: ``(epoch, index)``.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str | Path | DatasetSource],
+        patch_size: PatchSize | int | Sequence[int] = 96,
+        *,
+        batch_size: int = 2,
+        sampler: Sampler | None = None,
+        samples_per_case: int = 8,
+        mixing: Mixing = "proportional",
+        visits_per_epoch: int | None = None,
+        seed: int = 0,
+        num_threads: int = 2,
+        prefetch: int | None = None,
+        cache_bytes: int = 512 << 20,
+        intensity: Intensity = "percentile",
+        interleave: int = 4,
+        rank: int | None = None,
+        world_size: int | None = None,
+        fixed_epoch: int | None = None,
+    ):
+        super().__init__()
+        if not sources:
+            raise ValueError("PatchStream needs at least one source store")
+        for name, value in (("batch_size", batch_size), ("samples_per_case", samples_per_case), ("interleave", interleave)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, not {intensity!r}")
+        self.sources = [s if isinstance(s, DatasetSource) else DatasetSource(store=s) for s in sources]
+        self.patch_size = patch_size if isinstance(patch_size, PatchSize) else PatchSize(voxels=patch_size)
+        self.batch_size = int(batch_size)
+        self.sampler = sampler or UniformSampler()
+        self.samples_per_case = int(samples_per_case)
+        self.seed = int(seed)
+        self.num_threads = int(num_threads)
+        self.prefetch = prefetch if prefetch is not None else max(2, 2 * self.num_threads)
+        self.cache_bytes = int(cache_bytes)
+        self.intensity = intensity
+        self.interleave = int(interleave)
+        self.cases: list[list[CaseInfo]] = [index_source(s) for s in self.sources]
+        if self.sampler.needs_labels and any(s.label is None for s in self.sources):
+            raise ValueError("LabelSampler needs label=... on every DatasetSource (which label map to use)")
+        self.shares = dataset_probabilities([len(c) for c in self.cases], mixing, [s.weight for s in self.sources])
+        self.visits_per_epoch = int(visits_per_epoch or sum(len(c) for c in self.cases))
+        self.patch_shapes = [[self.patch_size.shape_for(c.spacing, c.spatial_shape) for c in cases] for cases in self.cases]
+        self.rank, self.world_size = distributed_rank() if rank is None else (rank, world_size or 1)
+        self.fixed_epoch = fixed_epoch
+        self._epoch = fixed_epoch or 0
+        self._next_batch = 0
+        self._pool: ReaderPool | None = None
+        self._pool_pid: int | None = None
+
+    # ------------------------------------------------------------------ plan and state
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        """Place this stream in a DDP job (call in every rank before iterating)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """This rank's batches of ``epoch``."""
+        keys = [
+            [(case.shape[0], *shape, case.label is not None) for case, shape in zip(cases, shapes)]
+            for cases, shapes in zip(self.cases, self.patch_shapes)
+        ]
+        return make_plan(
+            keys,
+            self.shares,
+            visits_per_epoch=self.visits_per_epoch,
+            batch_size=self.batch_size,
+            samples_per_case=self.samples_per_case,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            interleave=self.interleave,
+        )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return len(self.plan(self._epoch))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: the next batch to deliver, plus what must match on resume."""
+        return {"epoch": self._epoch, "next_batch": self._next_batch, "seed": self.seed, "batches_per_epoch": len(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; the plan must be the one it was saved with."""
+        if state.get("seed") != self.seed:
+            raise ValueError(f"the saved stream used seed {state.get('seed')}, this one {self.seed}: the resumed batches would differ")
+        self._epoch, self._next_batch = int(state["epoch"]), int(state["next_batch"])
+        if state.get("batches_per_epoch") not in (None, len(self)):
+            raise ValueError(
+                f"the saved stream had {state['batches_per_epoch']} batches per epoch, this one {len(self)}: "
+                "its sources, patch size, batch size or world size changed. Fix: resume with the same settings."
+            )
+
+    def mark_consumed(self, position: Sequence[int]) -> None:
+        """Record that the batch at ``(epoch, index)`` was used; the next one follows it."""
+        epoch, index = int(position[0]), int(position[1])
+        if self.fixed_epoch is not None or (epoch, index) < (self._epoch, self._next_batch - 1):
+            return
+        self._epoch, self._next_batch = epoch, index + 1
+        if self._next_batch >= len(self.plan(epoch)):
+            self._epoch, self._next_batch = epoch + 1, 0
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, start = self._epoch, self._next_batch
+        plan = self.plan(epoch)
+        worker = get_worker_info()
+        indices = range(start, len(plan))
+        if worker is not None:
+            indices = range(start + (worker.id - start) % worker.num_workers, len(plan), worker.num_workers)
+        for batch in self._produce(plan, indices):
+            if worker is None:
+                self.mark_consumed(batch["position"])
+            yield batch
+
+    def _produce(self, plan: EpochPlan, indices: range) -> Iterator[dict[str, Any]]:
+        if self.num_threads == 0:
+            for i in indices:
+                yield self.read_batch(plan.epoch, plan.batch(i))
+            return
+        pending: deque[Future] = deque()
+        todo = iter(indices)
+        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="spadkit-patch") as pool:
+            try:
+                for i in todo:
+                    pending.append(pool.submit(self.read_batch, plan.epoch, plan.batch(i)))
+                    if len(pending) >= self.prefetch:
+                        break
+                while pending:
+                    batch = pending.popleft().result()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self.read_batch, plan.epoch, plan.batch(nxt)))
+                    yield batch
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def _readers(self) -> ReaderPool:
+        """This process's readers and chunk cache (made anew in a forked worker)."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ReaderPool(ChunkCache(self.cache_bytes), self.intensity)
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    @property
+    def cache(self) -> ChunkCache:
+        return self._readers().cache
+
+    def read_batch(self, epoch: int, spec: BatchSpec) -> dict[str, Any]:
+        """Read the batch ``spec`` of ``epoch`` (thread-safe)."""
+        pool = self._readers()
+        cases = [self.cases[d][c] for d, c in spec.cases]
+        shape = self.patch_shapes[spec.cases[0][0]][spec.cases[0][1]]
+        image = torch.empty((len(cases), cases[0].shape[0], *shape), dtype=torch.float32)
+        label = torch.empty((len(cases), 1, *shape), dtype=torch.int64) if cases[0].label is not None else None
+        starts = np.empty((len(cases), 3), dtype=np.int64)
+        for slot, case in enumerate(cases):
+            reader = pool.get(case)
+            rng = np.random.default_rng([self.seed, epoch, spec.group, spec.step, slot])
+            locations = reader.class_locations() if self.sampler.needs_labels else None
+            starts[slot] = self.sampler.start(case.spatial_shape, shape, rng, locations)
+            reader.read_image(starts[slot], image[slot].numpy())
+            if label is not None:
+                reader.read_label(starts[slot], label[slot].numpy())
+        affines = np.stack([_patch_affine(case, start) for case, start in zip(cases, starts)])
+        batch = {
+            "image": image,
+            "spacing": torch.tensor([c.spacing for c in cases], dtype=torch.float64),
+            "start": torch.from_numpy(starts),
+            "origin": torch.from_numpy(affines[:, :3, 3].copy()),
+            "affine": torch.from_numpy(affines),
+            "case_id": [c.case_id for c in cases],
+            "dataset": [c.dataset for c in cases],
+            "modality": [c.modality for c in cases],
+            "position": torch.tensor([epoch, spec.index]),
+        }
+        if label is not None:
+            batch["label"] = label
+        return batch
+
+    def loader(self, num_workers: int = 0, **kwargs: Any) -> DataLoader:
+        """A ``DataLoader`` over this stream that records consumed positions (for
+        ``state_dict``) also when batches come from worker processes."""
+        return StreamLoader(self, num_workers=num_workers, **kwargs)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{cases[0].dataset}: {len(cases)}" for cases in self.cases)
+        return f"PatchStream({sizes}; patch={self.patch_size}, batch={self.batch_size}, rank={self.rank}/{self.world_size}, batches/epoch={len(self)})"
+
+
+class StreamLoader(DataLoader):
+    """``DataLoader(stream, batch_size=None)`` that tells the stream which batches were consumed."""
+
+    def __init__(self, stream: PatchStream, **kwargs: Any):
+        kwargs.setdefault("persistent_workers", False)  # a persistent worker would keep an old epoch's copy
+        super().__init__(stream, batch_size=None, **kwargs)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in super().__iter__():
+            self.dataset.mark_consumed(batch["position"])
+            yield batch
+
+
+def _patch_affine(case: CaseInfo, start: Sequence[int]) -> np.ndarray:
+    """Affine of a patch whose corner voxel is ``start`` (z, y, x) of the case."""
+    affine = np.asarray(case.affine, dtype=np.float64)
+    patch = affine.copy()
+    patch[:3, 3] = affine[:3, :3] @ np.asarray(start[::-1], dtype=np.float64) + affine[:3, 3]
+    return patch

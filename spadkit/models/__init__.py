@@ -1,0 +1,39 @@
+"""Spacing-adaptive models (plain ``nn.Module``s): SPAD-ViT, the SPAD-VT tokenizer, heads, registry."""
+
+from spadkit.models.heads import CodeHead, ModalityDiscriminator, PixelHead, ScaleClassifier, reverse_gradient
+from spadkit.models.registry import (
+    PretrainedCfg,
+    create_model,
+    list_models,
+    load_pretrained,
+    load_state_dict,
+    register_model,
+    save_pretrained,
+)
+from spadkit.models.spad import SpadConv3d, SpadConvTranspose3d, anisotropy_level, batch_level, plan_downsampling, total_stride
+from spadkit.models.tokenizer import PatchDiscriminator, SpadVT
+from spadkit.models.vit import SpadViT
+
+__all__ = [
+    "CodeHead",
+    "ModalityDiscriminator",
+    "PatchDiscriminator",
+    "PixelHead",
+    "PretrainedCfg",
+    "ScaleClassifier",
+    "SpadConv3d",
+    "SpadConvTranspose3d",
+    "SpadVT",
+    "SpadViT",
+    "anisotropy_level",
+    "batch_level",
+    "create_model",
+    "list_models",
+    "load_pretrained",
+    "load_state_dict",
+    "plan_downsampling",
+    "register_model",
+    "reverse_gradient",
+    "save_pretrained",
+    "total_stride",
+]

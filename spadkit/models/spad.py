@@ -1,0 +1,160 @@
+"""The SPAD-Nets spacing rule and the convolutions that follow it (PUMIT, arXiv 2312.07630).
+
+One set of 3D weights serves isotropic 3D, anisotropic 3D and 2D inputs:
+
+* The *anisotropy level* of a spacing ``(Z, Y, X)`` is
+  ``d = floor(log2(clip(z / min(y, x), 1, 32)))``; a 2D image (one slice, depth
+  spacing treated as infinite) gets the top level 5.
+* A network halves the in-plane axes stage by stage. The depth axis is left
+  alone for the first ``d`` in-plane halvings, which bring the in-plane spacing
+  up to the slice spacing, and is halved together with them afterwards. A
+  stride-16 patch embedding therefore has depth patch ``max(16 >> d, 1)``:
+  16x16x16 at 1 mm, 4x16x16 at 0.75x0.75x3 mm, 1x16x16 for a 2D image.
+* Where a layer must not reduce depth, its 3D kernel is *summed* over depth
+  taps (in groups matching the smaller depth stride; a 3x3x3 kernel becomes
+  1x3x3), never resized, so the 2D behaviour is the sum of the 3D filter.
+
+Layers know their position: ``level`` is the number of in-plane halvings the
+network applied before the layer's input, fixed by the architecture; the
+batch's level ``d`` arrives at ``forward`` time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Largest depth/in-plane spacing ratio the rule distinguishes (2D images sit at it).
+MAX_RATIO = 32
+MAX_LEVEL = int(math.log2(MAX_RATIO))
+
+
+def anisotropy_level(spacing: Sequence[float], *, is_2d: bool = False) -> int:
+    """``floor(log2(clip(z / min(y, x), 1, 32)))`` for a spacing ``(Z, Y, X)`` in mm.
+
+    A 2D image (``is_2d``, or a non-finite depth spacing) gets :data:`MAX_LEVEL`.
+    """
+    z, y, x = (float(s) for s in spacing)
+    if is_2d or not math.isfinite(z):
+        return MAX_LEVEL
+    if min(z, y, x) <= 0:
+        raise ValueError(f"spacings must be positive, got {tuple(spacing)}")
+    ratio = min(max(z / min(y, x), 1.0), float(MAX_RATIO))
+    return int(math.floor(math.log2(ratio) + 1e-9))
+
+
+def depth_halvings(level: int, halvings: int, aniso_level: int) -> int:
+    """How many of the in-plane halvings ``level + 1 .. level + halvings`` also halve depth."""
+    return max(0, level + halvings - max(aniso_level, level))
+
+
+def plan_downsampling(spacing: Sequence[float], stage_halvings: Sequence[int] = (4,), *, is_2d: bool = False) -> tuple[tuple[int, int, int], ...]:
+    """Per-stage strides ``(z, y, x)`` for a network whose stages halve the in-plane axes
+    ``stage_halvings[i]`` times each.
+
+    Args:
+        spacing: ``(Z, Y, X)`` in mm.
+        stage_halvings: in-plane halvings per stage, e.g. ``(4,)`` for a stride-16 patch
+            embedding or ``(2, 1, 1)`` for a 4-2-2 convolutional encoder.
+        is_2d: the input is one slice.
+
+    Returns:
+        One ``(z, y, x)`` stride per stage; the product over stages is the total stride.
+
+    Example:
+        ``plan_downsampling((3.0, 0.75, 0.75))`` is ``((4, 16, 16),)``.
+    """
+    level_d = anisotropy_level(spacing, is_2d=is_2d)
+    strides, level = [], 0
+    for halvings in stage_halvings:
+        if halvings < 0:
+            raise ValueError(f"stage halvings must be >= 0, got {tuple(stage_halvings)}")
+        strides.append((2 ** depth_halvings(level, halvings, level_d), 2**halvings, 2**halvings))
+        level += halvings
+    return tuple(strides)
+
+
+def total_stride(spacing: Sequence[float], stage_halvings: Sequence[int] = (4,), *, is_2d: bool = False) -> tuple[int, int, int]:
+    """Product of :func:`plan_downsampling`'s strides: voxels per token along ``(z, y, x)``."""
+    return tuple(math.prod(s[a] for s in plan_downsampling(spacing, stage_halvings, is_2d=is_2d)) for a in range(3))
+
+
+def batch_level(spacing: torch.Tensor | Sequence[float] | Sequence[Sequence[float]], depth: int) -> int:
+    """The anisotropy level shared by a batch.
+
+    Args:
+        spacing: ``(3,)`` or ``(B, 3)`` spacings ``(Z, Y, X)`` in mm.
+        depth: the batch's depth in voxels (1 means 2D).
+
+    Raises:
+        ValueError: the batch mixes levels (group batches by token grid; PatchStream does).
+    """
+    rows = torch.as_tensor(spacing, dtype=torch.float64).reshape(-1, 3).tolist()
+    levels = {anisotropy_level(row, is_2d=depth == 1) for row in rows}
+    if len(levels) != 1:
+        raise ValueError(f"a batch must share one anisotropy level, got levels {sorted(levels)} for spacings {rows}")
+    return levels.pop()
+
+
+def _group_sum_depth(weight: torch.Tensor, taps: int) -> torch.Tensor:
+    """Sum a kernel's depth taps in ``taps`` contiguous groups: ``(O, I, K, h, w) -> (O, I, taps, h, w)``."""
+    if taps == weight.shape[2]:
+        return weight
+    o, i, k, h, w = weight.shape
+    return weight.reshape(o, i, taps, k // taps, h, w).sum(dim=3)
+
+
+class SpadConv3d(nn.Conv3d):
+    """A 3D convolution whose depth stride and kernel follow the spacing rule.
+
+    Two shapes are supported: *patchify* (``kernel_size == stride``, a power of
+    two, no padding) and *3x3x3* (``kernel_size=3``, stride 1 or 2, padding 1).
+
+    Args:
+        level: in-plane halvings applied before this layer's input.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *, level: int = 0, bias: bool = True):
+        patchify = kernel_size == stride and stride > 1 and stride & (stride - 1) == 0
+        if not (patchify or (kernel_size == 3 and stride in (1, 2))):
+            raise ValueError(f"SpadConv3d supports kernel == stride (a power of 2) or kernel 3 with stride 1/2, got {kernel_size}/{stride}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding=0 if patchify else 1, bias=bias)
+        self.level = level
+        self.patchify = patchify
+        self.halvings = int(math.log2(stride))
+
+    def forward(self, x: torch.Tensor, aniso_level: int) -> torch.Tensor:  # type: ignore[override]
+        """``x``: ``(B, C, Z, Y, X)``; ``aniso_level``: the batch's level (:func:`batch_level`)."""
+        s = self.stride[1]
+        if self.patchify:
+            depth_stride = 2 ** depth_halvings(self.level, self.halvings, aniso_level)
+            weight = _group_sum_depth(self.weight, depth_stride)
+            return F.conv3d(x, weight, self.bias, stride=(depth_stride, s, s))
+        if self.level < aniso_level:  # depth still finer than in-plane: act as a 1x3x3 conv
+            return F.conv3d(x, self.weight.sum(dim=2, keepdim=True), self.bias, stride=(1, s, s), padding=(0, 1, 1))
+        return super().forward(x)
+
+
+class SpadConvTranspose3d(nn.ConvTranspose3d):
+    """Transposed patchify convolution (``kernel_size == stride``) undoing :class:`SpadConv3d`.
+
+    Args:
+        level: in-plane halvings of this layer's *input* (it returns ``level - log2(stride)``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, level: int, bias: bool = True):
+        if stride < 2 or stride & (stride - 1):
+            raise ValueError(f"SpadConvTranspose3d needs a power-of-2 stride, got {stride}")
+        super().__init__(in_channels, out_channels, stride, stride, bias=bias)
+        self.level = level
+        self.halvings = int(math.log2(stride))
+
+    def forward(self, x: torch.Tensor, aniso_level: int) -> torch.Tensor:  # type: ignore[override]
+        s = self.stride[1]
+        depth_stride = 2 ** depth_halvings(self.level - self.halvings, self.halvings, aniso_level)
+        weight = _group_sum_depth(self.weight, depth_stride)
+        return F.conv_transpose3d(x, weight, self.bias, stride=(depth_stride, s, s))
