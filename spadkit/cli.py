@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -162,6 +163,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+CONFIG_DIR = Path(__file__).parent / "configs"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def bundled_config(name: str) -> str:
+    """Path of a config: a bundled name (``pretrain_tiny``) or a path given as is."""
+    candidate = CONFIG_DIR / f"{name}.yaml"
+    return str(candidate) if "/" not in name and not name.endswith((".yaml", ".yml")) and candidate.is_file() else name
+
+
+def pretrain(argv: Sequence[str]) -> int:
+    """``spadkit pretrain [fit] --config NAME|FILE [--section.key value ...]`` through LightningCLI.
+
+    The model (``spadkit.tasks.TokenizerPretrain`` or ``MIMPretrain``) and the
+    data (:class:`spadkit.data.PatchDataModule`) come from the config; bundled
+    configs are named without path or suffix (see ``spadkit/configs/``).
+    """
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from spadkit.data import PatchDataModule
+
+    args = list(argv)
+    if not args or args[0] not in (*LIGHTNING_SUBCOMMANDS, "-h", "--help"):
+        args.insert(0, "fit")
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("-c", "--config"):
+            args[i + 1] = bundled_config(args[i + 1])
+    LightningCLI(
+        L.LightningModule,
+        PatchDataModule,
+        subclass_mode_model=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "spadkit pretrain", "description": f"Pretraining through LightningCLI. Bundled configs: {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}."},
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spadkit", description="Spacing-adaptive medical-image foundation models with a human in the loop.")
     parser.add_argument("--version", action="version", version=f"spadkit {__version__}")
@@ -208,12 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the end-to-end demo on bundled real data", description="Ingest bundled real volumes into a store and draw a montage.")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.set_defaults(func=_cmd_demo)
+
+    sub.add_parser(
+        "pretrain",
+        add_help=False,
+        help="train the tokenizer or pretrain SPAD-ViT (LightningCLI; `spadkit pretrain --help`)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["pretrain"]:
+            return pretrain(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (SpadkitError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

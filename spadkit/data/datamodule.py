@@ -10,7 +10,8 @@ with the batch after the last one trained.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,12 @@ class PatchDataModule(L.LightningDataModule):
         train: training stores or :class:`DatasetSource` objects.
         val: validation sources (default none); streamed with a fixed epoch, so
             every validation sees the same patches.
-        patch_size: voxels (spacing-aware along the finest axis) or a :class:`PatchSize`.
+        patch_size: patch edge in voxels (along the finest axis when ``spacing_aware``).
+        patch_mm: patch extent in mm instead (overrides ``patch_size``).
+        patch_multiple: round patch edges to multiples of this: an int, ``(Z, Y, X)``, or the
+            dotted path of a function of the spacing, e.g. ``"spadkit.models.total_stride"``
+            (the SPAD model's voxels per token, so every patch tokenises exactly).
+        spacing_aware: see :class:`PatchSize`.
         batch_size, samples_per_case, mixing, visits_per_epoch, seed, num_threads,
         cache_bytes, intensity: see :class:`PatchStream`.
         sampler: ``"uniform"`` or ``"label"`` (foreground oversampling; the sources
@@ -46,7 +52,10 @@ class PatchDataModule(L.LightningDataModule):
         self,
         train: Sequence[DatasetSource | str | Path],
         val: Sequence[DatasetSource | str | Path] | None = None,
-        patch_size: PatchSize | int | Sequence[int] = 96,
+        patch_size: int | Sequence[int] = 96,
+        patch_mm: float | Sequence[float] | None = None,
+        patch_multiple: int | Sequence[int] | str = 1,
+        spacing_aware: bool = True,
         batch_size: int = 2,
         samples_per_case: int = 8,
         mixing: Mixing = "proportional",
@@ -66,8 +75,10 @@ class PatchDataModule(L.LightningDataModule):
             raise ValueError(f"sampler must be 'uniform' or 'label', not {sampler!r}")
         self.train_sources = list(train)
         self.val_sources = list(val or [])
+        multiple = _resolve_callable(patch_multiple) if isinstance(patch_multiple, str) else patch_multiple
+        size = PatchSize(mm=patch_mm, multiple=multiple) if patch_mm is not None else PatchSize(voxels=patch_size, spacing_aware=spacing_aware, multiple=multiple)
         self.stream_args: dict[str, Any] = {
-            "patch_size": patch_size,
+            "patch_size": size,
             "batch_size": batch_size,
             "samples_per_case": samples_per_case,
             "mixing": mixing,
@@ -128,3 +139,15 @@ class PatchDataModule(L.LightningDataModule):
             self.train_stream.load_state_dict(stream_state)
         else:
             self._pending_state = stream_state
+
+
+def _resolve_callable(dotted: str) -> Callable:
+    """``"package.module.function"`` -> the function (for YAML configs)."""
+    module, _, name = dotted.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"patch_multiple {dotted!r} is not an importable function, e.g. 'spadkit.models.total_stride'") from error
+    if not callable(function):
+        raise ValueError(f"patch_multiple {dotted!r} is not callable")
+    return function
