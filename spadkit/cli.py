@@ -155,12 +155,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from spadkit.demo import run_demo
+    from spadkit.demo import pretrain_demo, run_demo
 
     report, picture = run_demo(args.out)
     print(report.summary())
     print(f"montage: {picture}")
-    return 0 if report.ok else 1
+    if not report.ok:
+        return 1
+    if not args.no_pretrain:
+        print(f"loss curves: {pretrain_demo(args.out)}")
+    return 0
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -245,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
 
-    demo = sub.add_parser("demo", help="run the end-to-end demo on bundled real data", description="Ingest bundled real volumes into a store and draw a montage.")
+    demo = sub.add_parser("demo", help="run the end-to-end demo on bundled real data", description="Ingest bundled real volumes into a store, draw a montage, then train the tiny tokenizer and pretrain the tiny SPAD-ViT on CPU and plot the losses.")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    demo.add_argument("--no-pretrain", action="store_true", help="stop after ingest (skip the few-minute CPU pretraining)")
     demo.set_defaults(func=_cmd_demo)
 
     sub.add_parser(

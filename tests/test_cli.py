@@ -88,7 +88,7 @@ def test_ingest_exit_code_reports_failed_cases(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_builds_store_and_montage(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--no-pretrain"]) == 0
     store = OMEZarrStore(str(tmp_path / "demo.zarr"))
     assert store.cases() == ["ct_small", "mni152_t1_1mm", "mni152_t1_1x1x3mm_lps"]
     thick = store.read_image("mni152_t1_1x1x3mm_lps")
