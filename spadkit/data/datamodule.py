@@ -104,6 +104,7 @@ class PatchDataModule(L.LightningDataModule):
         rank, world = self._place()
         if self.train_stream is None and stage in (None, "fit"):
             self.train_stream = PatchStream(self.train_sources, visits_per_epoch=self.visits_per_epoch, rank=rank, world_size=world, **self.stream_args)
+            self.train_stream.auto_mark = False  # Lightning fetches ahead: on_after_batch_transfer marks instead
             if self._pending_state is not None:
                 self.train_stream.load_state_dict(self._pending_state)
         if self.val_stream is None and self.val_sources and stage in (None, "fit", "validate"):

@@ -56,9 +56,10 @@ class PatchSize:
     def __post_init__(self) -> None:
         if (self.voxels is None) == (self.mm is None):
             raise ValueError("give the patch size either in voxels or in mm, not both or neither")
-        for value in _triple(self.voxels if self.voxels is not None else self.mm):
+        size = self.voxels if self.voxels is not None else self.mm
+        for value in _triple(size):
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"patch sizes must be positive, got {self.voxels or self.mm}")
+                raise ValueError(f"patch sizes must be positive, got {size}")
 
     def shape_for(self, spacing: Sequence[float], spatial_shape: Sequence[int]) -> Shape3:
         """Patch shape ``(Z, Y, X)`` in voxels for a case of this spacing and shape."""

@@ -20,9 +20,9 @@ communicating, and a resumed run recomputes it exactly:
    which mixes cases across consecutive steps while keeping each case's chunks
    hot in the cache.
 
-A DataLoader with ``K`` workers gives worker ``w`` the batches ``i`` with
-``i % K == w``; the loader's in-order delivery then yields exactly the rank's
-batch sequence, whatever ``K`` is.
+A DataLoader with ``K`` workers, resuming at batch ``s``, gives worker ``w`` the
+batches ``s + w, s + w + K, ...``; the loader's in-order delivery (worker 0, 1,
+... in turn) then yields exactly the rank's batch sequence, whatever ``K`` is.
 """
 
 from __future__ import annotations

@@ -30,8 +30,6 @@ Intensity = Literal["percentile", "zscore", "none"]
 INTENSITY_MODES = ("percentile", "zscore", "none")
 #: Foreground voxels kept per class for label-weighted sampling (a uniform subsample).
 MAX_LOCATIONS_PER_CLASS = 10_000
-#: Label locations are found on the coarsest level at most this many times coarser.
-MAX_LOCATION_FACTOR = 4
 
 
 class CaseReader:
@@ -73,10 +71,12 @@ class CaseReader:
     def class_locations(self) -> dict[int, np.ndarray]:
         """Foreground voxel coordinates per class, ``{class: (N, 3) int (z, y, x)}`` at the read level.
 
-        Found once per case on a coarse label level (at most
-        :data:`MAX_LOCATION_FACTOR` times coarser per axis), subsampled to at most
-        :data:`MAX_LOCATIONS_PER_CLASS` per class with a fixed seed, so every
-        worker and rank agrees.
+        Found once per case by scanning the label at the read level slab by slab
+        (one chunk row of Z at a time, so memory stays bounded), keeping a uniform
+        subsample of at most :data:`MAX_LOCATIONS_PER_CLASS` voxels per class drawn
+        with a fixed seed, so every worker and rank agrees. The read level is used,
+        not a coarser one: the label pyramid keeps every ``f``-th voxel, so a small
+        structure (a lesion of a few voxels) can vanish from a coarse level.
         """
         with self._lock:
             if self._locations is None:
@@ -85,25 +85,28 @@ class CaseReader:
 
     def _find_locations(self) -> dict[int, np.ndarray]:
         case = self.case
-        base = np.asarray(case.pyramid_factors[case.level])
-        coarse = max(
-            (lvl for lvl in range(case.level, len(case.pyramid_factors)) if np.all(np.asarray(case.pyramid_factors[lvl]) // base <= MAX_LOCATION_FACTOR)),
-            default=case.level,
-        )
-        ratio = np.asarray(case.pyramid_factors[coarse]) // base
-        path = _latest_label_path(f"{case.store.rstrip('/')}/{case.case_id}", case, level=coarse)
-        labels = np.asarray(_open(path, case)[0])
+        labels = _open(_latest_label_path(f"{case.store.rstrip('/')}/{case.case_id}", case), case)
         rng = np.random.default_rng(0)
-        locations = {}
-        for value in np.unique(labels):
-            if value == 0:
+        kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # class -> (coords, random keys)
+        step = int(labels.chunks[1])
+        for z0 in range(0, int(labels.shape[1]), step):
+            slab = np.asarray(labels[0, z0 : z0 + step])
+            coords = np.argwhere(slab != 0)
+            if not len(coords):
                 continue
-            coords = np.argwhere(labels == value)
-            if len(coords) > MAX_LOCATIONS_PER_CLASS:
-                coords = coords[rng.choice(len(coords), MAX_LOCATIONS_PER_CLASS, replace=False)]
-            centre = coords * ratio + ratio // 2
-            locations[int(value)] = np.minimum(centre, np.asarray(case.spatial_shape) - 1).astype(np.int32)
-        return locations
+            values = slab[tuple(coords.T)]
+            coords[:, 0] += z0
+            for value in np.unique(values):
+                mine = coords[values == value].astype(np.int32)
+                keys = rng.random(len(mine))
+                if int(value) in kept:  # merge with what was kept, then keep the smallest keys
+                    old_coords, old_keys = kept[int(value)]
+                    mine, keys = np.concatenate([old_coords, mine]), np.concatenate([old_keys, keys])
+                if len(mine) > MAX_LOCATIONS_PER_CLASS:
+                    best = np.argpartition(keys, MAX_LOCATIONS_PER_CLASS)[:MAX_LOCATIONS_PER_CLASS]
+                    mine, keys = mine[best], keys[best]
+                kept[int(value)] = (mine, keys)
+        return {value: kept[value][0] for value in sorted(kept)}
 
 
 def intensity_transform(case: CaseInfo, mode: Intensity) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -139,11 +142,13 @@ class ReaderPool:
         self.cache = cache
         self.intensity = intensity
         self.max_open = max_open
-        self._readers: OrderedDict[tuple[str, str], CaseReader] = OrderedDict()
+        self._readers: OrderedDict[tuple[str, str, int, str | None], CaseReader] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, case: CaseInfo) -> CaseReader:
-        key = (case.store, case.case_id)
+        # level and label are part of the key: two sources may read one store at two
+        # levels, or with and without a label map
+        key = (case.store, case.case_id, case.level, case.label)
         with self._lock:
             reader = self._readers.get(key)
             if reader is not None:

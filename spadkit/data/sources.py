@@ -133,7 +133,14 @@ def _case_info(store: OMEZarrStore, case_id: str, dataset: str, spec: DatasetSou
             fix=f"labels present: {store.label_names(case_id) or 'none'}; pass label=None for images only.",
         )
     factor = factors[spec.level]
-    array = store.read_image(case_id, spec.level).array
+    try:
+        array = store.read_image(case_id, spec.level).array
+    except (KeyError, FileNotFoundError) as error:  # zarr raises KeyError for a missing array
+        raise StoreError(
+            f"case {case_id} is marked complete but its image level {spec.level} is missing ({error!r})",
+            path=store.url,
+            fix="the store lost files (e.g. an interrupted copy): copy it again, or re-ingest the case with `spadkit ingest`.",
+        ) from error
     affine = _level_affine(np.asarray(attrs["affine"]), factor)
     spacing = tuple(float(s) * f for s, f in zip(attrs["spacing_zyx_mm"], factor))
     return CaseInfo(

@@ -22,6 +22,7 @@ count's worker layout, and ``state_dict()`` / ``load_state_dict()`` hold
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,13 @@ from spadkit.data.cache import ChunkCache
 from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
 from spadkit.data.plan import BatchSpec, EpochPlan, make_plan
 from spadkit.data.reader import INTENSITY_MODES, Intensity, ReaderPool
-from spadkit.data.sources import CaseInfo, DatasetSource, Mixing, dataset_probabilities, index_source
+from spadkit.data.sources import (
+    CaseInfo,
+    DatasetSource,
+    Mixing,
+    dataset_probabilities,
+    index_source,
+)
 
 Sampler = UniformSampler | LabelSampler
 
@@ -132,6 +139,16 @@ class PatchStream(IterableDataset):
         self._next_batch = 0
         self._pool: ReaderPool | None = None
         self._pool_pid: int | None = None
+        self._plans: dict[int, EpochPlan] = {}
+        #: Record a batch as consumed when it is handed out. A consumer that fetches ahead
+        #: (Lightning) turns this off and calls :meth:`mark_consumed` when a batch is used.
+        self.auto_mark = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for spawned DataLoader workers: without readers, cache and locks."""
+        state = self.__dict__.copy()
+        state.update(_pool=None, _pool_pid=None, _plans={})
+        return state
 
     # ------------------------------------------------------------------ plan and state
     def set_distributed(self, rank: int, world_size: int) -> None:
@@ -139,9 +156,17 @@ class PatchStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
+        self._plans.clear()
 
     def plan(self, epoch: int) -> EpochPlan:
-        """This rank's batches of ``epoch``."""
+        """This rank's batches of ``epoch`` (the last two epochs' plans are kept)."""
+        if epoch not in self._plans:
+            if len(self._plans) >= 2:
+                self._plans.pop(min(self._plans))
+            self._plans[epoch] = self._make_plan(epoch)
+        return self._plans[epoch]
+
+    def _make_plan(self, epoch: int) -> EpochPlan:
         keys = [
             [(case.shape[0], *shape, case.label is not None) for case, shape in zip(cases, shapes)]
             for cases, shapes in zip(self.cases, self.patch_shapes)
@@ -165,18 +190,44 @@ class PatchStream(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands: the next batch to deliver, plus what must match on resume."""
-        return {"epoch": self._epoch, "next_batch": self._next_batch, "seed": self.seed, "batches_per_epoch": len(self)}
+        return {
+            "epoch": self._epoch,
+            "next_batch": self._next_batch,
+            "seed": self.seed,
+            "batches_per_epoch": len(self),
+            "settings": self.settings_digest(),
+        }
+
+    def settings_digest(self) -> str:
+        """Short hash of everything that decides which patches come in which order
+        (cases, patch shapes, batching, mixing, sampler, intensity, world size)."""
+        parts = (
+            [(c.store, c.case_id, c.level, c.label) for cases in self.cases for c in cases],
+            self.patch_shapes,
+            self.shares.round(12).tolist(),
+            (self.batch_size, self.samples_per_case, self.visits_per_epoch, self.interleave, self.world_size),
+            repr(self.sampler),
+            self.intensity,
+        )
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; the plan must be the one it was saved with."""
         if state.get("seed") != self.seed:
             raise ValueError(f"the saved stream used seed {state.get('seed')}, this one {self.seed}: the resumed batches would differ")
-        self._epoch, self._next_batch = int(state["epoch"]), int(state["next_batch"])
-        if state.get("batches_per_epoch") not in (None, len(self)):
+        if state.get("settings") not in (None, self.settings_digest()):
             raise ValueError(
-                f"the saved stream had {state['batches_per_epoch']} batches per epoch, this one {len(self)}: "
+                "the saved stream was made with other cases, patch sizes, batching, sampler, intensity "
+                "or world size: the resumed batches would differ. Fix: resume with the same data settings."
+            )
+        epoch, next_batch = int(state["epoch"]), int(state["next_batch"])
+        batches = len(self.plan(epoch))
+        if state.get("batches_per_epoch") not in (None, batches):
+            raise ValueError(
+                f"the saved stream had {state['batches_per_epoch']} batches per epoch, this one {batches}: "
                 "its sources, patch size, batch size or world size changed. Fix: resume with the same settings."
             )
+        self._epoch, self._next_batch = epoch, next_batch
 
     def mark_consumed(self, position: Sequence[int]) -> None:
         """Record that the batch at ``(epoch, index)`` was used; the next one follows it."""
@@ -194,9 +245,11 @@ class PatchStream(IterableDataset):
         worker = get_worker_info()
         indices = range(start, len(plan))
         if worker is not None:
-            indices = range(start + (worker.id - start) % worker.num_workers, len(plan), worker.num_workers)
+            # The DataLoader collects from worker 0, 1, ... in turn, so worker w must hold
+            # start + w, start + w + K, ... (not i % K == w, which reorders a resumed epoch).
+            indices = range(start + worker.id, len(plan), worker.num_workers)
         for batch in self._produce(plan, indices):
-            if worker is None:
+            if worker is None and self.auto_mark:
                 self.mark_consumed(batch["position"])
             yield batch
 
@@ -285,7 +338,8 @@ class StreamLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in super().__iter__():
-            self.dataset.mark_consumed(batch["position"])
+            if self.dataset.auto_mark:
+                self.dataset.mark_consumed(batch["position"])
             yield batch
 
 

@@ -1,6 +1,12 @@
 """Spacing-adaptive models (plain ``nn.Module``s): SPAD-ViT, the SPAD-VT tokenizer, heads, registry."""
 
-from spadkit.models.heads import CodeHead, ModalityDiscriminator, PixelHead, ScaleClassifier, reverse_gradient
+from spadkit.models.heads import (
+    CodeHead,
+    ModalityDiscriminator,
+    PixelHead,
+    ScaleClassifier,
+    reverse_gradient,
+)
 from spadkit.models.registry import (
     PretrainedCfg,
     create_model,
@@ -10,7 +16,14 @@ from spadkit.models.registry import (
     register_model,
     save_pretrained,
 )
-from spadkit.models.spad import SpadConv3d, SpadConvTranspose3d, anisotropy_level, batch_level, plan_downsampling, total_stride
+from spadkit.models.spad import (
+    SpadConv3d,
+    SpadConvTranspose3d,
+    anisotropy_level,
+    batch_level,
+    plan_downsampling,
+    total_stride,
+)
 from spadkit.models.tokenizer import PatchDiscriminator, SpadVT
 from spadkit.models.vit import SpadViT
 

@@ -63,7 +63,7 @@ class PretrainedCfg:
             data = json.loads(text)
             known = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in data.items() if k in known})
-        except (json.JSONDecodeError, TypeError) as error:
+        except (json.JSONDecodeError, TypeError, AttributeError) as error:  # AttributeError: JSON not an object
             raise CorruptFileError(f"not a valid pretrained config ({error})", path=source, fix="re-export the weights with save_pretrained.") from error
 
 
@@ -76,7 +76,14 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **kwarg
         state, cfg = load_pretrained(pretrained)
         if cfg.architecture != name:
             raise SpadkitError(f"these weights are for {cfg.architecture!r}, not {name!r}", path=pretrained, fix=f"create_model({cfg.architecture!r}, ...).")
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as error:  # wrong keys/shapes, or not a state dict at all
+            raise CorruptFileError(
+                f"weights do not fit {name!r} ({' '.join(str(error).split())[:300]})",
+                path=Path(pretrained) / WEIGHTS_FILE,
+                fix="re-export the weights with save_pretrained from the architecture named in pretrained_cfg.json.",
+            ) from error
     model.pretrained_cfg = PretrainedCfg(architecture=name, in_chans=getattr(model, "in_chans", 1)) if pretrained is None else cfg
     return model
 
@@ -109,7 +116,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle.UnpicklingError for hostile files, RuntimeError/EOFError for truncated ones
         raise CorruptFileError(
-            f"refused to load: not a plain tensor checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})",
+            f"refused to load: not a plain tensor checkpoint ({type(error).__name__}: {' '.join(str(error).split())[:300]})",
             path=path,
             fix="only load checkpoints you trust; spadkit reads tensors only (weights_only=True).",
         ) from error

@@ -36,15 +36,18 @@ MAX_LEVEL = int(math.log2(MAX_RATIO))
 def anisotropy_level(spacing: Sequence[float], *, is_2d: bool = False) -> int:
     """``floor(log2(clip(z / min(y, x), 1, 32)))`` for a spacing ``(Z, Y, X)`` in mm.
 
-    A 2D image (``is_2d``, or a non-finite depth spacing) gets :data:`MAX_LEVEL`.
+    A 2D image (``is_2d``, or an infinite depth spacing) gets :data:`MAX_LEVEL`.
+
+    Raises:
+        ValueError: a spacing is zero, negative or NaN, or an in-plane spacing is infinite.
     """
     z, y, x = (float(s) for s in spacing)
-    if is_2d or not math.isfinite(z):
+    if not (0 < y < math.inf and 0 < x < math.inf) or (not is_2d and not z > 0):  # also rejects NaN and -inf
+        raise ValueError(f"spacings must be positive and finite (depth may be inf for 2D), got {tuple(spacing)}")
+    if is_2d or z == math.inf:
         return MAX_LEVEL
-    if min(z, y, x) <= 0:
-        raise ValueError(f"spacings must be positive, got {tuple(spacing)}")
     ratio = min(max(z / min(y, x), 1.0), float(MAX_RATIO))
-    return int(math.floor(math.log2(ratio) + 1e-9))
+    return math.floor(math.log2(ratio) + 1e-9)
 
 
 def depth_halvings(level: int, halvings: int, aniso_level: int) -> int:

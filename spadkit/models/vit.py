@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spadkit.models.spad import SpadConv3d, batch_level
+from spadkit.models.spad import SpadConv3d, batch_level, depth_halvings
 
 PATCH = 16
 PATCH_HALVINGS = 4
@@ -170,6 +170,12 @@ class SpadViT(nn.Module):
             ``(B, 1 + N, C)`` tokens and the token grid ``(gz, gy, gx)``.
         """
         level = batch_level(spacing, x.shape[2])
+        patch = (2 ** depth_halvings(0, PATCH_HALVINGS, level), PATCH, PATCH)
+        if x.ndim != 5 or any(n % p for n, p in zip(x.shape[2:], patch)):
+            raise ValueError(
+                f"input {tuple(x.shape)} must be (B, C, Z, Y, X) with Z, Y, X multiples of the patch {patch} "
+                f"for spacing level {level}. Fix: stream patches with PatchSize(..., multiple=spadkit.models.total_stride)."
+            )
         tokens = self.patch_embed(x, level)
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2)
@@ -208,7 +214,8 @@ class SpadViT(nn.Module):
         """Feature maps of chosen blocks, ``(B, C, gz, gy, gx)`` each.
 
         Args:
-            indices: block indices, or an int ``n`` for the last ``n`` blocks (default all).
+            indices: block indices (negative counts from the end), or an int ``n`` for the
+                last ``n`` blocks (default all); one map is returned per index, in that order.
             norm: apply the final norm to each.
         """
         depth = len(self.blocks)
@@ -217,15 +224,15 @@ class SpadViT(nn.Module):
         elif isinstance(indices, int):
             wanted = list(range(depth - indices, depth))
         else:
-            wanted = [i % depth for i in indices]
-        if any(not 0 <= i < depth for i in wanted):
+            wanted = [i + depth if i < 0 else i for i in indices]
+        if not wanted or any(not 0 <= i < depth for i in wanted):
             raise IndexError(f"block indices {indices} out of range for depth {depth}")
         tokens, grid = self.embed(x, spacing)
         rope = self._rope(grid, tokens.device)
-        out = []
+        out = {}
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):
             tokens = block(tokens, rope, self.num_prefix_tokens)
             if i in wanted:
                 feat = self.norm(tokens) if norm else tokens
-                out.append(feat[:, self.num_prefix_tokens :].transpose(1, 2).reshape(len(x), -1, *grid))
-        return out
+                out[i] = feat[:, self.num_prefix_tokens :].transpose(1, 2).reshape(len(x), -1, *grid)
+        return [out[i] for i in wanted]  # one map per requested index, in the order requested

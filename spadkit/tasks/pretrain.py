@@ -191,16 +191,22 @@ def _patches(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, gz * gy * gx, -1)
 
 
-def adamw_with_cosine(module: L.LightningModule, lr: float, weight_decay: float, warmup_steps: int, params=None) -> dict[str, Any]:
+def adamw_with_cosine(
+    module: L.LightningModule, lr: float, weight_decay: float, warmup_steps: int, params=None, optimizers_per_step: int = 1
+) -> dict[str, Any]:
     """AdamW (no decay on biases, norms and token/position embeddings), linear warm-up,
-    cosine decay to 1 % over the trainer's estimated steps."""
+    cosine decay to 1 % over the trainer's estimated steps.
+
+    ``optimizers_per_step``: with manual optimisation Lightning counts every optimiser's
+    step towards ``max_steps``, so a GAN (two optimisers) trains ``max_steps / 2`` batches.
+    """
     decay, no_decay = [], []
     for name, param in (params if params is not None else module.named_parameters()):
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 or name.split(".")[-1] in {"cls_token", "mask_token", "pos_embed"} else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-    total = max(1, int(module.trainer.estimated_stepping_batches)) if module._trainer is not None else 1000
+    total = max(1, int(module.trainer.estimated_stepping_batches) // optimizers_per_step) if module._trainer is not None else 1000
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -218,7 +224,7 @@ def provenance(module: L.LightningModule, objective: str) -> dict[str, Any]:
     sources = [str(getattr(s, "store", s)) for s in getattr(datamodule, "train_sources", [])]
     return {
         "objective": objective,
-        "steps": int(module.global_step),
+        "steps": int(module.global_step) // len(module.trainer.optimizers or [None]),
         "datasets": [Path(s).name for s in sources],
         "spadkit_version": spadkit.__version__,
         "hparams": {k: v for k, v in module.hparams.items() if isinstance(v, (int, float, str, bool, type(None)))},

@@ -94,7 +94,8 @@ class TokenizerPretrain(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        generator = adamw_with_cosine(self, hp.lr, hp.weight_decay, hp.warmup_steps, params=self.tokenizer.named_parameters())
+        steps = 1 if self.discriminator is None else 2
+        generator = adamw_with_cosine(self, hp.lr, hp.weight_decay, hp.warmup_steps, params=self.tokenizer.named_parameters(), optimizers_per_step=steps)
         if self.discriminator is None:
             return generator
         disc = torch.optim.AdamW(self.discriminator.parameters(), lr=hp.disc_lr, weight_decay=hp.weight_decay, betas=(0.5, 0.9))

@@ -1,0 +1,120 @@
+"""BatchAugment: recorded, reproducible flips and intensity changes applied to image and label alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spadkit.data import BatchAugment, DatasetSource
+from tests.data.conftest import make_stream
+
+
+def _batch(b=6, c=2, shape=(5, 7, 9), position=(0, 3), seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand((b, c, *shape), generator=g)
+    label = torch.randint(0, 3, (b, 1, *shape), generator=g)
+    return {"image": image, "label": label, "position": torch.tensor(position)}
+
+
+def _clone(batch: dict) -> dict:
+    return {k: v.clone() for k, v in batch.items()}
+
+
+def test_flips_are_recorded_and_applied_to_image_and_label_alike():
+    augment = BatchAugment(flip_prob=0.5, gamma_prob=0.0, intensity_prob=0.0, seed=1)
+    batch = _batch(b=16)
+    original = _clone(batch)
+    out = augment(batch)
+    flip = out["augment"]["flip"]
+    assert flip.shape == (16, 3) and flip.dtype == torch.bool
+    assert flip.any() and not flip.all()
+    for i in range(16):
+        dims = [axis + 1 for axis in range(3) if flip[i, axis]]
+        want_image = original["image"][i].flip(dims) if dims else original["image"][i]
+        want_label = original["label"][i].flip(dims) if dims else original["label"][i]
+        assert torch.equal(out["image"][i], want_image)
+        assert torch.equal(out["label"][i], want_label)
+
+
+def test_only_the_allowed_axes_flip_and_a_single_slice_never_flips_z():
+    always = BatchAugment(flip_prob=1.0, gamma_prob=0.0, intensity_prob=0.0)
+    flat = always(_batch(shape=(1, 8, 8)))
+    assert flat["augment"]["flip"].tolist() == [[False, True, True]] * 6
+    only_x = BatchAugment(flip_prob=1.0, flip_axes=(2,), gamma_prob=0.0, intensity_prob=0.0)
+    original = _batch()
+    out = only_x(_clone(original))
+    assert out["augment"]["flip"].tolist() == [[False, False, True]] * 6
+    assert torch.equal(out["image"], original["image"].flip(4))
+
+
+def test_parameters_depend_on_position_and_seed_only():
+    augment = BatchAugment(seed=5)
+    a = augment(_batch(position=(2, 7), seed=0))["augment"]
+    b = augment(_batch(position=(2, 7), seed=1))["augment"]  # other voxels, same position
+    c = augment(_batch(position=(2, 8)))["augment"]
+    d = BatchAugment(seed=6)(_batch(position=(2, 7)))["augment"]
+    e = augment(_batch(position=(3, 7)))["augment"]
+    for key in ("flip", "gamma", "scale", "shift"):
+        assert torch.equal(a[key], b[key]), key
+    for other in (c, d, e):
+        assert any(not torch.equal(a[k], other[k]) for k in ("flip", "gamma", "scale", "shift"))
+
+
+def test_intensity_parameters_have_batch_by_channel_shapes_and_stay_in_range():
+    augment = BatchAugment(gamma=(0.5, 2.0), gamma_prob=0.5, scale=(0.8, 1.2), shift=(-0.2, 0.1), intensity_prob=0.5, seed=3)
+    params = [augment(_batch(b=8, c=3, position=(0, i)))["augment"] for i in range(20)]
+    gamma = torch.cat([p["gamma"] for p in params])
+    scale = torch.cat([p["scale"] for p in params])
+    shift = torch.cat([p["shift"] for p in params])
+    assert params[0]["gamma"].shape == params[0]["scale"].shape == params[0]["shift"].shape == (8, 3)
+    assert gamma.dtype == scale.dtype == shift.dtype == torch.float32
+    assert torch.all((gamma >= 0.5 - 1e-6) & (gamma <= 2.0 + 1e-6))
+    assert torch.all((scale >= 0.8 - 1e-6) & (scale <= 1.2 + 1e-6))
+    assert torch.all((shift >= -0.2 - 1e-6) & (shift <= 0.1 + 1e-6))
+    # per sample, either all channels are changed or none (probability applies per sample)
+    off = (scale == 1).all(dim=1)
+    assert 0.3 < off.float().mean() < 0.7
+    assert torch.all(shift[off] == 0)
+    assert 0.3 < (gamma == 1).all(dim=1).float().mean() < 0.7
+
+
+def test_intensity_changes_follow_the_recorded_parameters():
+    augment = BatchAugment(flip_prob=0.0, gamma_prob=1.0, intensity_prob=1.0, seed=2)
+    batch = _batch(b=4, c=2)
+    original = batch["image"].clone()
+    out = augment(batch)
+    p = out["augment"]
+    lo = original.amin(dim=(2, 3, 4), keepdim=True)
+    hi = original.amax(dim=(2, 3, 4), keepdim=True)
+    g = p["gamma"][..., None, None, None]
+    want = (lo + (hi - lo) * ((original - lo) / (hi - lo)) ** g) * p["scale"][..., None, None, None] + p["shift"][..., None, None, None]
+    torch.testing.assert_close(out["image"], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out["label"], _batch(b=4, c=2)["label"])  # labels never change value
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"flip_prob": 1.5},
+        {"gamma_prob": -0.1},
+        {"intensity_prob": 2},
+        {"gamma": (0.0, 1.5)},
+        {"gamma": (1.5, 0.7)},
+        {"scale": (1.2, 0.8)},
+        {"shift": (0.1, -0.1)},
+        {"flip_axes": (0, 3)},
+    ],
+)
+def test_bad_ranges_raise(kwargs):
+    with pytest.raises(ValueError):
+        BatchAugment(**kwargs)
+
+
+def test_augmenting_stream_batches(mixed_store):
+    """A stream batch (with a 2D case's one-slice patches) goes through unchanged in shape."""
+    stream = make_stream(mixed_store, sources=[DatasetSource(mixed_store.url, cases=["flat"], label="seg")], patch_size=16, intensity="percentile")
+    batch = next(iter(stream))
+    image, label = batch["image"].clone(), batch["label"].clone()
+    out = BatchAugment(flip_prob=1.0, gamma_prob=0.0, intensity_prob=0.0)(batch)
+    assert out["augment"]["flip"][:, 0].tolist() == [False, False]
+    assert torch.equal(out["image"], image.flip(3, 4)) and torch.equal(out["label"], label.flip(3, 4))
