@@ -195,14 +195,18 @@ def pretrain(argv: Sequence[str]) -> int:
     for i, arg in enumerate(args[:-1]):
         if arg in ("-c", "--config"):
             args[i + 1] = bundled_config(args[i + 1])
-    LightningCLI(
-        L.LightningModule,
-        PatchDataModule,
-        subclass_mode_model=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "spadkit pretrain", "description": f"Pretraining through LightningCLI. Bundled configs: {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}."},
-    )
+    saved_argv = sys.argv  # LightningCLI warns when given args while sys.argv holds others
+    sys.argv = ["spadkit pretrain", *args]
+    try:
+        LightningCLI(
+            L.LightningModule,
+            PatchDataModule,
+            subclass_mode_model=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "spadkit pretrain", "description": f"Pretraining through LightningCLI. Bundled configs: {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}."},
+        )
+    finally:
+        sys.argv = saved_argv
     return 0
 
 

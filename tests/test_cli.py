@@ -99,3 +99,33 @@ def test_demo_builds_store_and_montage(tmp_path, capsys):
 
     with Image.open(tmp_path / "montage.png") as png:
         assert png.size[0] > 600 and np.asarray(png.convert("L")).std() > 20
+
+
+def test_pretrain_help_lists_bundled_configs(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: spadkit pretrain" in out and "pretrain_tiny" in out and "tokenizer_tiny" in out
+
+
+def test_pretrain_runs_a_bundled_config_and_exports_weights(tmp_path):
+    from spadkit.demo import run_demo
+    from spadkit.models import create_model, load_pretrained
+
+    run_demo(tmp_path / "demo")
+    export = tmp_path / "weights"
+    code = main(
+        [
+            "pretrain", "--config", "tokenizer_tiny",
+            "--trainer.max_steps=3", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            f"--data.train=[{tmp_path / 'demo' / 'demo.zarr'}]",
+            f"--model.init_args.export_dir={export}",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    _, cfg = load_pretrained(export)
+    assert cfg.architecture == "spad_vt_test" and cfg.provenance["steps"] == 3
+    assert cfg.provenance["datasets"] == ["demo.zarr"]
+    create_model("spad_vt_test", pretrained=export)
