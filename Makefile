@@ -38,6 +38,8 @@ test: sysdeps $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/chunking.py --out benchmarks/results/chunking.json
+	$(PY) benchmarks/loader.py --seconds 20 --out benchmarks/results/loader.json
+	$(PY) benchmarks/pretrain.py --out benchmarks/results/pretrain.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spadkit tests benchmarks

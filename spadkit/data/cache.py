@@ -108,6 +108,11 @@ class CachedArray:
         """
         ranges = [range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0) for s, c in zip(box, self.chunks)]
         indices = list(itertools.product(*ranges))
+        if self.cache.max_bytes == 0:  # no cache: read exactly the window, as a plain Zarr slice would
+            if self.check_missing:
+                self._check_stored(indices)
+            out[...] = self._decode(tuple(box), indices)
+            return
         chunks = {idx: self.cache.get((self.name, idx)) for idx in indices}
         missing = [idx for idx, chunk in chunks.items() if chunk is None]
         if missing:
@@ -127,14 +132,7 @@ class CachedArray:
         lo = [min(idx[d] for idx in indices) for d in range(len(self.shape))]
         hi = [max(idx[d] for idx in indices) + 1 for d in range(len(self.shape))]
         box = tuple(slice(a * c, min(b * c, n)) for a, b, c, n in zip(lo, hi, self.chunks, self.shape))
-        try:
-            block = np.asarray(self.array[box])
-        except Exception as error:  # codec errors differ per codec and zarr version
-            raise CorruptFileError(
-                f"cannot decode chunks {lo}..{hi} of this array ({type(error).__name__}: {error})",
-                path=self.name,
-                fix="the chunk files are damaged: copy the store again or re-ingest this case with `spadkit ingest`.",
-            ) from error
+        block = self._decode(box, indices)
         fetched = {}
         for idx in itertools.product(*(range(a, b) for a, b in zip(lo, hi))):
             sub = tuple(slice((i - a) * c, min((i + 1) * c, n) - a * c) for i, a, c, n in zip(idx, lo, self.chunks, self.shape))
@@ -142,6 +140,17 @@ class CachedArray:
             self.cache.put((self.name, idx), chunk)
             fetched[idx] = chunk
         return {idx: fetched[idx] for idx in indices}
+
+    def _decode(self, box: tuple[slice, ...], indices: list[tuple[int, ...]]) -> np.ndarray:
+        """``array[box]`` from Zarr, with decoding errors naming the chunks."""
+        try:
+            return np.asarray(self.array[box])
+        except Exception as error:  # codec errors differ per codec and zarr version
+            raise CorruptFileError(
+                f"cannot decode chunks {min(indices)}..{max(indices)} of this array ({type(error).__name__}: {error})",
+                path=self.name,
+                fix="the chunk files are damaged: copy the store again or re-ingest this case with `spadkit ingest`.",
+            ) from error
 
     def _check_stored(self, indices: list[tuple[int, ...]]) -> None:
         """Raise :class:`StoreError` if the storage object (chunk or shard) holding a chunk is absent."""
