@@ -74,7 +74,10 @@ class PatchStream(IterableDataset):
         prefetch: batches read ahead (default ``2 * num_threads``).
         cache_bytes: bound of the decoded-chunk cache per process.
         intensity: ``"percentile"``, ``"zscore"`` or ``"none"`` (see :mod:`.reader`).
-        interleave: consecutive groups whose batches alternate.
+        interleave: consecutive groups whose batches alternate (more mixing between
+            steps, but ``interleave * batch_size`` cases' chunks must fit the cache:
+            with 1, a 32 MB cache doubled throughput on data 3x its size,
+            benchmarks/loader.py).
         rank, world_size: DDP place (default: :func:`distributed_rank` at construction;
             the DataModule sets them from the trainer).
         fixed_epoch: always play this epoch from its first batch and never advance
@@ -103,7 +106,7 @@ class PatchStream(IterableDataset):
         prefetch: int | None = None,
         cache_bytes: int = 512 << 20,
         intensity: Intensity = "percentile",
-        interleave: int = 4,
+        interleave: int = 1,
         rank: int | None = None,
         world_size: int | None = None,
         fixed_epoch: int | None = None,
