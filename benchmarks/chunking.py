@@ -47,6 +47,7 @@ import numcodecs
 import numpy as np
 import psutil
 import zarr
+from _machine import cpu_model
 from matplotlib.figure import Figure
 from nilearn import datasets
 from zarr.codecs import BloscCodec
@@ -251,16 +252,6 @@ def load_volumes(include_ct_like: bool) -> dict[str, np.ndarray]:
     if include_ct_like:
         volumes["ct_like"] = make_ct_like(mni, CT_LIKE_SHAPE)
     return volumes
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo, or platform.processor() elsewhere."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def settings(args: argparse.Namespace, volumes: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -86,12 +86,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
+from _machine import package_version
 
 PATCH_EDGE = 96
 """Edge length of the cubic training patch, in voxels."""
@@ -651,14 +651,6 @@ def git_commit() -> str | None:
     return result.stdout.strip()
 
 
-def version(package: str) -> str | None:
-    """Installed version of ``package``, or None."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def settings(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
     """Benchmark parameters, data, machine and library versions for the JSON file."""
     return {
@@ -684,7 +676,7 @@ def settings(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
         "git": git_commit(),
         "spadkit_sources": spadkit_digest(),
         "versions": {
-            pkg: version(pkg)
+            pkg: package_version(pkg)
             for pkg in ("torch", "torchio", "monai", "zarr", "spadkit", "numpy", "nibabel")
         },
     }

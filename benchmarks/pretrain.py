@@ -99,7 +99,6 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +106,7 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
+from _machine import cpu_model, package_version
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from monai.networks.nets import ViT
@@ -741,23 +741,6 @@ def demo_store(work: Path) -> Path:
     return store
 
 
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo, or platform.processor() elsewhere."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def version_of(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def settings(args: argparse.Namespace, runtime_s: float) -> dict[str, Any]:
     """Machine, library versions and benchmark parameters for the JSON file."""
     return {
@@ -773,7 +756,7 @@ def settings(args: argparse.Namespace, runtime_s: float) -> dict[str, Any]:
         "versions": {
             "python": platform.python_version(),
             **{
-                name: version_of(name)
+                name: package_version(name)
                 for name in ("torch", "monai", "spadkit", "lightning", "numpy")
             },
         },
