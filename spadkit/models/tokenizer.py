@@ -150,12 +150,18 @@ def tokenizer_losses(
     recon: torch.Tensor,
     logits: torch.Tensor,
     *,
-    usage_weight: float = 0.03,
-    entropy_weight: float = 1.0,
+    usage_weight: float = 1.0,
+    entropy_weight: float = 0.2,
     perceptual: nn.Module | None = None,
     perceptual_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Generator-side losses (PUMIT's weights by default); ``loss`` is their weighted sum."""
+    """Generator-side losses; ``loss`` is their weighted sum.
+
+    The default weights are PUMIT's config defaults, which keep every code in use
+    when training from scratch. PUMIT's published run used ``usage_weight=0.03,
+    entropy_weight=1.0`` as a later, sharpening stage; from scratch those collapse
+    the codebook to a couple of codes within a few hundred steps (seen on the demo).
+    """
     usage, per_token = code_entropies(logits)
     losses = {"l1": F.l1_loss(recon, x), "code_usage": usage, "token_entropy": per_token}
     loss = losses["l1"] - usage_weight * usage + entropy_weight * per_token

@@ -26,7 +26,8 @@ class TokenizerPretrain(L.LightningModule):
     Args:
         tokenizer: registered tokenizer name.
         in_chans: image channels.
-        usage_weight, entropy_weight: weights of ``-H(mean p)`` and ``mean H(p)``.
+        usage_weight, entropy_weight: weights of ``-H(mean p)`` and ``mean H(p)`` (see
+            :func:`~spadkit.models.tokenizer.tokenizer_losses` for the choice of defaults).
         gan_weight: weight of the generator's adversarial term (0: no discriminator).
         gan_threshold: the adversarial term is on while the discriminator loss's moving
             average is at most this.
@@ -38,8 +39,8 @@ class TokenizerPretrain(L.LightningModule):
         self,
         tokenizer: str = "spad_vt_test",
         in_chans: int = 1,
-        usage_weight: float = 0.03,
-        entropy_weight: float = 1.0,
+        usage_weight: float = 1.0,
+        entropy_weight: float = 0.2,
         gan_weight: float = 0.0,
         gan_threshold: float = 0.025,
         lr: float = 1e-4,
