@@ -5,7 +5,8 @@ CPU; these run after the batch reached the device, vectorised over the batch,
 so the reader threads only read. Every sampled parameter is written into
 ``batch["augment"]`` so a training step can be replayed or inspected, and the
 parameters derive from the batch's ``position`` and the seed, so a resumed run
-draws the same ones.
+draws the same ones. Flips also update the batch's ``affine`` and ``origin``,
+so a flipped patch still maps its voxels to the right world position.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class BatchAugment(torch.nn.Module):
                 image[rows] = image[rows].flip(axis + 2)
                 if "label" in batch:
                     batch["label"][rows] = batch["label"][rows].flip(axis + 2)
+                if "affine" in batch:
+                    _flip_affines(batch, rows, axis, image.shape[axis + 2])
         gamma = params["gamma"].to(image.device)[..., None, None, None]
         if not torch.all(params["gamma"] == 1):
             lo = image.amin(dim=(2, 3, 4), keepdim=True)
@@ -103,6 +106,20 @@ class BatchAugment(torch.nn.Module):
         image.mul_(params["scale"].to(image.device)[..., None, None, None]).add_(params["shift"].to(image.device)[..., None, None, None])
         batch["augment"] = params
         return batch
+
+
+def _flip_affines(batch: dict[str, Any], rows: torch.Tensor, axis: int, size: int) -> None:
+    """Keep ``affine`` (and ``origin``) true to the flipped voxels: voxel ``i`` along the
+    flipped array axis now holds what was at ``size - 1 - i``."""
+    affine = batch["affine"]
+    rows = rows.to(affine.device)
+    column = 2 - axis  # array axes (Z, Y, X) are the affine's voxel axes (z, y, x) = columns 2, 1, 0
+    flipped = affine[rows].clone()
+    flipped[:, :3, 3] += flipped[:, :3, column] * (size - 1)
+    flipped[:, :3, column] *= -1
+    affine[rows] = flipped
+    if "origin" in batch:
+        batch["origin"][rows] = flipped[:, :3, 3].to(batch["origin"].dtype)
 
 
 def _batch_seed(seed: int, position: torch.Tensor | None) -> int:

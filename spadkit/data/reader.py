@@ -164,7 +164,7 @@ class ReaderPool:
 
 def _open(path: str, case: CaseInfo) -> zarr.Array:
     try:
-        return zarr.open_array(path, mode="r", zarr_format=3)
+        return zarr.open_array(path, mode="r", zarr_format=3, storage_options=case.storage_options or None)
     except (FileNotFoundError, KeyError) as error:
         raise StoreError(
             f"array {path} of case {case.case_id} is missing",
@@ -174,6 +174,6 @@ def _open(path: str, case: CaseInfo) -> zarr.Array:
 
 
 def _latest_label_path(root: str, case: CaseInfo, level: int | None = None) -> str:
-    group = zarr.open_group(f"{root}/labels/{case.label}", mode="r", zarr_format=3)
+    group = zarr.open_group(f"{root}/labels/{case.label}", mode="r", zarr_format=3, storage_options=case.storage_options or None)
     latest = group.attrs["spadkit"]["versions"][-1]["path"]
     return f"{root}/labels/{case.label}/{latest}/{case.level if level is None else level}"

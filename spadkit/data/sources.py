@@ -42,6 +42,8 @@ class DatasetSource:
         cases: only these case ids (a split); default all complete cases.
         label: name of the label map to return with each patch (``None``: images only).
         level: pyramid level to read (0 is full resolution).
+        storage_options: fsspec options for a remote store (credentials, endpoint),
+            e.g. ``{"anon": True}`` for a public ``s3://`` bucket.
     """
 
     store: str | Path
@@ -50,6 +52,7 @@ class DatasetSource:
     cases: Sequence[str] | None = None
     label: str | None = None
     level: int = 0
+    storage_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class CaseInfo:
     level: int
     pyramid_factors: tuple[tuple[int, int, int], ...] = ()
     """Down-sampling factors ``(Z, Y, X)`` of every stored level relative to level 0."""
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """fsspec options of a remote store."""
     all_chunks_written: bool = False
     """Ingest wrote every chunk, so a missing chunk file means lost data (older stores
     skipped all-zero chunks, which then read as zeros)."""
@@ -101,7 +106,7 @@ def index_source(spec: str | Path | DatasetSource) -> list[CaseInfo]:
             or the level does not exist.
     """
     spec = _source(spec)
-    store = OMEZarrStore(str(spec.store))
+    store = OMEZarrStore(str(spec.store), storage_options=spec.storage_options)
     available = store.cases()
     wanted = list(spec.cases) if spec.cases is not None else available
     missing = sorted(set(wanted) - set(available))
@@ -155,6 +160,7 @@ def _case_info(store: OMEZarrStore, case_id: str, dataset: str, spec: DatasetSou
         intensity=tuple(attrs.get("intensity", ())),
         label=spec.label,
         level=spec.level,
+        storage_options=spec.storage_options,
         pyramid_factors=tuple(tuple(int(f) for f in level) for level in factors),
         all_chunks_written=bool(attrs.get("all_chunks_written", False)),
     )

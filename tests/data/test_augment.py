@@ -118,3 +118,26 @@ def test_augmenting_stream_batches(mixed_store):
     out = BatchAugment(flip_prob=1.0, gamma_prob=0.0, intensity_prob=0.0)(batch)
     assert out["augment"]["flip"][:, 0].tolist() == [False, False]
     assert torch.equal(out["image"], image.flip(3, 4)) and torch.equal(out["label"], label.flip(3, 4))
+
+
+def test_flips_keep_the_patch_affine_true_to_its_voxels():
+    """After a flip, every voxel maps to the same world point as the voxel it came from."""
+    b, z, y, x = 4, 3, 5, 7
+    affine = torch.tensor([[0.0, 0.0, -3.0, 10.0], [0.0, -1.5, 0.0, 20.0], [2.0, 0.0, 0.0, -5.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    batch = {
+        "image": torch.rand(b, 1, z, y, x),
+        "affine": affine.expand(b, 4, 4).clone(),
+        "origin": affine[:3, 3].expand(b, 3).clone(),
+        "position": torch.tensor([0, 5]),
+    }
+    original = batch["image"].clone()
+    out = BatchAugment(flip_prob=1.0, gamma_prob=0.0, intensity_prob=0.0)(batch)
+    zz, yy, xx = torch.meshgrid(torch.arange(z), torch.arange(y), torch.arange(x), indexing="ij")
+    voxels = torch.stack([xx.flatten(), yy.flatten(), zz.flatten(), torch.ones(z * y * x, dtype=torch.long)]).double()
+    for sample in range(b):
+        world_after = (out["affine"][sample] @ voxels)[:3]
+        flipped_from = [(z - 1 - zz if out["augment"]["flip"][sample, 0] else zz), (y - 1 - yy if out["augment"]["flip"][sample, 1] else yy), (x - 1 - xx if out["augment"]["flip"][sample, 2] else xx)]
+        source = torch.stack([flipped_from[2].flatten(), flipped_from[1].flatten(), flipped_from[0].flatten(), torch.ones(z * y * x, dtype=torch.long)]).double()
+        torch.testing.assert_close(world_after, (affine @ source)[:3])
+        torch.testing.assert_close(out["image"][sample, 0], original[sample, 0][tuple(flipped_from)])
+        torch.testing.assert_close(out["origin"][sample], out["affine"][sample, :3, 3])
