@@ -95,6 +95,26 @@ def _multiple(multiple: Multiple, spacing: Spacing3) -> tuple[int, int, int]:
     return tuple(int(m) for m in triple)
 
 
+#: The coarsest axis is moved first only when it is at least this much coarser than the finest.
+COARSE_AXIS_RATIO = 1.5
+
+
+def coarse_axis_first(spacing: Sequence[float], spatial_shape: Sequence[int]) -> Shape3:
+    """Axis order that puts the coarsest axis first, as the spacing rule expects (thick slices along Z).
+
+    Stores keep RAS orientation, so a sagittal or coronal stack has its thick
+    slices along X or Y. Returns ``axes`` such that output axis ``i`` is stored
+    axis ``axes[i]``; ``(0, 1, 2)`` when Z is already coarsest, the volume is 2D,
+    or no axis is :data:`COARSE_AXIS_RATIO` times coarser than the finest.
+    """
+    if spatial_shape[0] == 1:
+        return (0, 1, 2)
+    coarse = int(np.argmax(spacing))
+    if coarse == 0 or max(spacing) < COARSE_AXIS_RATIO * min(spacing):
+        return (0, 1, 2)
+    return (coarse, *(a for a in (0, 1, 2) if a != coarse))
+
+
 def window_slices(start: Sequence[int], size: Sequence[int], shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """Clamp a window to a volume.
 

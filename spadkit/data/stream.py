@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from spadkit.data.cache import ChunkCache
-from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
+from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler, coarse_axis_first
 from spadkit.data.plan import BatchSpec, EpochPlan, make_plan
 from spadkit.data.reader import INTENSITY_MODES, Intensity, ReaderPool
 from spadkit.data.sources import (
@@ -82,11 +82,15 @@ class PatchStream(IterableDataset):
             the DataModule sets them from the trainer).
         fixed_epoch: always play this epoch from its first batch and never advance
             (validation: the same patches every time).
+        coarse_axis_first: transpose patches of volumes whose thick slices lie along Y or
+            X (sagittal/coronal stacks in RAS stores) so the coarse axis comes first, as
+            the spacing rule expects; ``spacing`` and ``affine`` follow the transposition.
 
     Each batch is a dict: ``image`` ``(B, C, Z, Y, X)`` float32; ``label``
     ``(B, 1, Z, Y, X)`` int64 when the sources have a ``label``; ``spacing``
-    ``(B, 3)`` mm ``(Z, Y, X)``; ``start`` ``(B, 3)`` voxel ``(z, y, x)`` of the
-    patch corner in the case (negative where padded); ``origin`` ``(B, 3)`` RAS mm
+    ``(B, 3)`` mm ``(Z, Y, X)`` of the patch's axes; ``axes`` ``(B, 3)``: patch axis
+    ``i`` is stored axis ``axes[i]`` (see ``coarse_axis_first``); ``start`` ``(B, 3)``
+    stored voxel ``(z, y, x)`` of the patch corner in the case (negative where padded); ``origin`` ``(B, 3)`` RAS mm
     ``(x, y, z)`` of that corner voxel; ``affine`` ``(B, 4, 4)`` of the patch;
     ``case_id``, ``dataset``, ``modality``: lists of B; ``position``: ``(epoch, index)``.
     """
@@ -110,6 +114,7 @@ class PatchStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         fixed_epoch: int | None = None,
+        coarse_axis_first: bool = True,
     ):
         super().__init__()
         if not sources:
@@ -135,7 +140,11 @@ class PatchStream(IterableDataset):
             raise ValueError("LabelSampler needs label=... on every DatasetSource (which label map to use)")
         self.shares = dataset_probabilities([len(c) for c in self.cases], mixing, [s.weight for s in self.sources])
         self.visits_per_epoch = int(visits_per_epoch or sum(len(c) for c in self.cases))
-        self.patch_shapes = [[self.patch_size.shape_for(c.spacing, c.spatial_shape) for c in cases] for cases in self.cases]
+        self.axes = [[patch_axes(c) if coarse_axis_first else (0, 1, 2) for c in cases] for cases in self.cases]
+        self.patch_shapes = [
+            [self.patch_size.shape_for(_permuted(c.spacing, a), _permuted(c.spatial_shape, a)) for c, a in zip(cases, axes)]
+            for cases, axes in zip(self.cases, self.axes)
+        ]
         self.rank, self.world_size = distributed_rank() if rank is None else (rank, world_size or 1)
         self.fixed_epoch = fixed_epoch
         self._epoch = fixed_epoch or 0
@@ -207,6 +216,7 @@ class PatchStream(IterableDataset):
         parts = (
             [(c.store, c.case_id, c.level, c.label) for cases in self.cases for c in cases],
             self.patch_shapes,
+            self.axes,
             self.shares.round(12).tolist(),
             (self.batch_size, self.samples_per_case, self.visits_per_epoch, self.interleave, self.world_size),
             repr(self.sampler),
@@ -298,18 +308,21 @@ class PatchStream(IterableDataset):
         image = torch.empty((len(cases), cases[0].shape[0], *shape), dtype=torch.float32)
         label = torch.empty((len(cases), 1, *shape), dtype=torch.int64) if cases[0].label is not None else None
         starts = np.empty((len(cases), 3), dtype=np.int64)
+        axes = [self.axes[d][c] for d, c in spec.cases]
         for slot, case in enumerate(cases):
             reader = pool.get(case)
+            stored_patch = _unpermuted(shape, axes[slot])
             rng = np.random.default_rng([self.seed, epoch, spec.group, spec.step, slot])
             locations = reader.class_locations() if self.sampler.needs_labels else None
-            starts[slot] = self.sampler.start(case.spatial_shape, shape, rng, locations)
-            reader.read_image(starts[slot], image[slot].numpy())
+            starts[slot] = self.sampler.start(case.spatial_shape, stored_patch, rng, locations)
+            _read_transposed(reader.read_image, starts[slot], image[slot].numpy(), axes[slot])
             if label is not None:
-                reader.read_label(starts[slot], label[slot].numpy())
-        affines = np.stack([_patch_affine(case, start) for case, start in zip(cases, starts)])
+                _read_transposed(reader.read_label, starts[slot], label[slot].numpy(), axes[slot])
+        affines = np.stack([_patch_affine(case, start, a) for case, start, a in zip(cases, starts, axes)])
         batch = {
             "image": image,
-            "spacing": torch.tensor([c.spacing for c in cases], dtype=torch.float64),
+            "spacing": torch.tensor([_permuted(c.spacing, a) for c, a in zip(cases, axes)], dtype=torch.float64),
+            "axes": torch.tensor(axes),
             "start": torch.from_numpy(starts),
             "origin": torch.from_numpy(affines[:, :3, 3].copy()),
             "affine": torch.from_numpy(affines),
@@ -346,9 +359,38 @@ class StreamLoader(DataLoader):
             yield batch
 
 
-def _patch_affine(case: CaseInfo, start: Sequence[int]) -> np.ndarray:
-    """Affine of a patch whose corner voxel is ``start`` (z, y, x) of the case."""
+def _patch_affine(case: CaseInfo, start: Sequence[int], axes: Sequence[int] = (0, 1, 2)) -> np.ndarray:
+    """Affine of a patch whose corner voxel is ``start`` (stored z, y, x) of the case and whose
+    array axis ``i`` is stored axis ``axes[i]``."""
     affine = np.asarray(case.affine, dtype=np.float64)
     patch = affine.copy()
     patch[:3, 3] = affine[:3, :3] @ np.asarray(start[::-1], dtype=np.float64) + affine[:3, 3]
+    for i, stored in enumerate(axes):  # array axes (Z, Y, X) are the affine's voxel columns (2, 1, 0)
+        patch[:3, 2 - i] = affine[:3, 2 - stored]
     return patch
+
+
+def patch_axes(case: CaseInfo) -> tuple[int, int, int]:
+    """:func:`~spadkit.data.patches.coarse_axis_first` of a case."""
+    return coarse_axis_first(case.spacing, case.spatial_shape)
+
+
+def _permuted(values: Sequence, axes: Sequence[int]) -> tuple:
+    return tuple(values[a] for a in axes)
+
+
+def _unpermuted(values: Sequence, axes: Sequence[int]) -> tuple:
+    out = [0, 0, 0]
+    for i, a in enumerate(axes):
+        out[a] = values[i]
+    return tuple(out)
+
+
+def _read_transposed(read: Callable[[Sequence[int], np.ndarray], None], start: Sequence[int], out: np.ndarray, axes: Sequence[int]) -> None:
+    """``read`` a window into ``out`` ``(C, *patch)`` whose spatial axes are the stored axes ``axes``."""
+    if tuple(axes) == (0, 1, 2):
+        read(start, out)
+        return
+    stored = np.empty((out.shape[0], *_unpermuted(out.shape[1:], axes)), dtype=out.dtype)
+    read(start, stored)
+    out[...] = stored.transpose(0, *(1 + a for a in axes))
