@@ -129,3 +129,12 @@ def test_pretrain_runs_a_bundled_config_and_exports_weights(tmp_path):
     assert cfg.architecture == "spad_vt_test" and cfg.provenance["steps"] == 3
     assert cfg.provenance["datasets"] == ["demo.zarr"]
     create_model("spad_vt_test", pretrained=export)
+
+
+@pytest.mark.parametrize("config", ["tokenizer_tiny", "pretrain_tiny", "pretrain_gpu", "pretrain_ddp"])
+def test_every_bundled_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", "--config", config, "--print_config"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: spadkit.tasks." in printed and "patch_multiple: spadkit.models.total_stride" in printed
