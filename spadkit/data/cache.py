@@ -136,7 +136,7 @@ class CachedArray:
         fetched = {}
         for idx in itertools.product(*(range(a, b) for a, b in zip(lo, hi))):
             sub = tuple(slice((i - a) * c, min((i + 1) * c, n) - a * c) for i, a, c, n in zip(idx, lo, self.chunks, self.shape))
-            chunk = np.ascontiguousarray(block[sub])
+            chunk = block[sub].copy()  # a copy even when contiguous: a view would pin the whole block
             self.cache.put((self.name, idx), chunk)
             fetched[idx] = chunk
         return {idx: fetched[idx] for idx in indices}

@@ -15,8 +15,8 @@ under a ``DataLoader`` with worker processes: each worker produces every
 ``K``-th batch of the same plan, so the sequence is identical either way.
 
 Sharding, seeding and resuming follow from :mod:`spadkit.data.plan`: a batch's
-content depends only on ``(seed, epoch, group, step, slot)``, never on the rank
-count's worker layout, and ``state_dict()`` / ``load_state_dict()`` hold
+content depends only on ``(seed, epoch, group, step, slot)``, never on the
+number of ranks, workers or threads, and ``state_dict()`` / ``load_state_dict()`` hold
 ``(epoch, next batch)``.
 """
 
@@ -51,10 +51,14 @@ Sampler = UniformSampler | LabelSampler
 
 def distributed_rank() -> tuple[int, int]:
     """``(rank, world_size)`` of this process: from ``torch.distributed`` when it is
-    initialised, else from torchrun's ``RANK``/``WORLD_SIZE`` environment, else ``(0, 1)``."""
+    initialised, else torchrun's ``RANK``/``WORLD_SIZE``, else SLURM's
+    ``SLURM_PROCID``/``SLURM_NTASKS`` (``srun``), else ``(0, 1)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", 1))
+    return int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_NTASKS", 1))
 
 
 class PatchStream(IterableDataset):

@@ -103,12 +103,14 @@ def batch_level(spacing: torch.Tensor | Sequence[float] | Sequence[Sequence[floa
     return levels.pop()
 
 
-def _group_sum_depth(weight: torch.Tensor, taps: int) -> torch.Tensor:
-    """Sum a kernel's depth taps in ``taps`` contiguous groups: ``(O, I, K, h, w) -> (O, I, taps, h, w)``."""
+def _group_sum_depth(weight: torch.Tensor, taps: int, *, mean: bool = False) -> torch.Tensor:
+    """Sum (or average) a kernel's depth taps in ``taps`` contiguous groups:
+    ``(O, I, K, h, w) -> (O, I, taps, h, w)``."""
     if taps == weight.shape[2]:
         return weight
     o, i, k, h, w = weight.shape
-    return weight.reshape(o, i, taps, k // taps, h, w).sum(dim=3)
+    grouped = weight.reshape(o, i, taps, k // taps, h, w)
+    return grouped.mean(dim=3) if mean else grouped.sum(dim=3)
 
 
 class SpadConv3d(nn.Conv3d):
@@ -145,6 +147,10 @@ class SpadConv3d(nn.Conv3d):
 class SpadConvTranspose3d(nn.ConvTranspose3d):
     """Transposed patchify convolution (``kernel_size == stride``) undoing :class:`SpadConv3d`.
 
+    Where depth must not grow, the kernel's depth taps are *averaged* (not summed as
+    in :class:`SpadConv3d`): a thick output voxel stands for the thin voxels it
+    covers, so it takes their mean and 2D outputs keep the 3D output's scale.
+
     Args:
         level: in-plane halvings of this layer's *input* (it returns ``level - log2(stride)``).
     """
@@ -159,5 +165,5 @@ class SpadConvTranspose3d(nn.ConvTranspose3d):
     def forward(self, x: torch.Tensor, aniso_level: int) -> torch.Tensor:  # type: ignore[override]
         s = self.stride[1]
         depth_stride = 2 ** depth_halvings(self.level - self.halvings, self.halvings, aniso_level)
-        weight = _group_sum_depth(self.weight, depth_stride)
+        weight = _group_sum_depth(self.weight, depth_stride, mean=True)
         return F.conv_transpose3d(x, weight, self.bias, stride=(depth_stride, s, s))

@@ -55,6 +55,7 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device: str) -> tuple
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of ``x`` ``(B, H, N, D)`` by the angles of ``cos``/``sin`` ``(N, D/2)``."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep q/k in the model's dtype (bf16-true, .half())
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 

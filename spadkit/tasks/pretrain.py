@@ -206,7 +206,12 @@ def adamw_with_cosine(
             continue
         (no_decay if param.ndim <= 1 or name.split(".")[-1] in {"cls_token", "mask_token", "pos_embed"} else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-    total = max(1, int(module.trainer.estimated_stepping_batches) // optimizers_per_step) if module._trainer is not None else 1000
+    total = 1000
+    if module._trainer is not None:
+        total = int(module.trainer.estimated_stepping_batches)
+        if total == module.trainer.max_steps:  # bounded by max_steps, which counts every optimiser's step
+            total //= optimizers_per_step
+        total = max(1, total)
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -213,14 +213,18 @@ def test_transpose_undoes_conv_shape(spacing, shape, stride, level):
     assert up(y, d).shape == h.shape
 
 
-def test_transpose_kernel_is_group_summed_on_2d():
+def test_transpose_kernel_is_depth_averaged_on_2d():
     torch.manual_seed(0)
     up = SpadConvTranspose3d(3, 2, 16, level=4).double()
     y = torch.randn(1, 3, 1, 2, 2, dtype=torch.float64)
     out = up(y, 5)
     assert out.shape == (1, 2, 1, 32, 32)
-    expected = F.conv_transpose2d(y[:, :, 0], up.weight.sum(dim=2), up.bias, stride=16)
+    expected = F.conv_transpose2d(y[:, :, 0], up.weight.mean(dim=2), up.bias, stride=16)
     torch.testing.assert_close(out[:, :, 0], expected)
+    # a 2D output keeps the scale of the 3D one: its voxel is the mean over the thin slices it covers
+    thick = up(y, 5)[:, :, 0]
+    thin = nn.ConvTranspose3d.forward(up, y)  # (1, 2, 16, 32, 32) from the same tokens, full 3D kernel
+    torch.testing.assert_close(thick - up.bias.view(1, -1, 1, 1), (thin - up.bias.view(1, -1, 1, 1, 1)).mean(dim=2))
     # isotropic: the plain transposed conv
     y3 = torch.randn(1, 3, 2, 2, 2, dtype=torch.float64)
     torch.testing.assert_close(up(y3, 0), nn.ConvTranspose3d.forward(up, y3))
