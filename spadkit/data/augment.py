@@ -4,13 +4,15 @@ Per-sample transforms (MONAI's, TorchIO's) run inside loader workers on the
 CPU; these run after the batch reached the device, vectorised over the batch,
 so the reader threads only read. Every sampled parameter is written into
 ``batch["augment"]`` so a training step can be replayed or inspected, and the
-parameters derive from the batch's ``position`` and the seed, so a resumed run
-draws the same ones. Flips also update the batch's ``affine`` and ``origin``,
+parameters derive from the batch's global draw key and the seed
+(:func:`batch_seed`), so a resumed run draws the same ones and DDP ranks draw
+different ones. Flips also update the batch's ``affine`` and ``origin``,
 so a flipped patch still maps its voxels to the right world position.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,7 +88,7 @@ class BatchAugment(torch.nn.Module):
         with the parameters under ``batch["augment"]``."""
         image = batch["image"]
         b, c, depth = image.shape[:3]
-        generator = torch.Generator().manual_seed(_batch_seed(self.seed, batch.get("position")))
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, batch))
         params = self.sample(b, c, generator)
         if depth == 1:
             params["flip"][:, 0] = False
@@ -122,7 +124,15 @@ def _flip_affines(batch: dict[str, Any], rows: torch.Tensor, axis: int, size: in
         batch["origin"][rows] = flipped[:, :3, 3].to(batch["origin"].dtype)
 
 
-def _batch_seed(seed: int, position: torch.Tensor | None) -> int:
-    """A 63-bit seed from the augmenter's seed and the batch's ``(epoch, index)``."""
-    epoch, index = (0, 0) if position is None else (int(position[0]), int(position[1]))
-    return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & ((1 << 63) - 1)
+def batch_seed(seed: int, batch: dict[str, Any]) -> int:
+    """A 63-bit seed for random draws on a batch (augmentation, masks).
+
+    Uses the batch's global ``draw`` ``(epoch, group, step)`` from
+    :class:`~spadkit.data.PatchStream`, which differs between DDP ranks and is the
+    same when a run resumes or a fixed validation epoch replays; a hand-made batch
+    without it falls back to its ``position`` (or zeros).
+    """
+    key = batch.get("draw", batch.get("position"))
+    values = [0, 0, 0] if key is None else [int(v) for v in key]
+    digest = hashlib.sha256(repr((int(seed), values)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

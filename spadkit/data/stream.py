@@ -96,7 +96,9 @@ class PatchStream(IterableDataset):
     ``i`` is stored axis ``axes[i]`` (see ``coarse_axis_first``); ``start`` ``(B, 3)``
     stored voxel ``(z, y, x)`` of the patch corner in the case (negative where padded); ``origin`` ``(B, 3)`` RAS mm
     ``(x, y, z)`` of that corner voxel; ``affine`` ``(B, 4, 4)`` of the patch;
-    ``case_id``, ``dataset``, ``modality``: lists of B; ``position``: ``(epoch, index)``.
+    ``case_id``, ``dataset``, ``modality``: lists of B; ``position``: ``(epoch, index)``
+    on this rank (for resuming); ``draw``: ``(epoch, group, step)``, the same on every
+    rank layout (seeds augmentation and masks, :func:`~spadkit.data.augment.batch_seed`).
     """
 
     def __init__(
@@ -334,6 +336,7 @@ class PatchStream(IterableDataset):
             "dataset": [c.dataset for c in cases],
             "modality": [c.modality for c in cases],
             "position": torch.tensor([epoch, spec.index]),
+            "draw": torch.tensor([epoch, spec.group, spec.step]),
         }
         if label is not None:
             batch["label"] = label

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import spadkit
+from spadkit.data.augment import batch_seed
 from spadkit.models import (
     CodeHead,
     ModalityDiscriminator,
@@ -110,18 +111,24 @@ class MIMPretrain(L.LightningModule):
             self.tokenizer.eval()
         return self
 
-    def random_mask(self, batch_size: int, num_tokens: int) -> torch.Tensor:
-        """``(B, N)`` bool with exactly ``round(N * mask_ratio)`` (at least 1) masked tokens per sample."""
+    def random_mask(self, batch_size: int, num_tokens: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(B, N)`` bool with exactly ``round(N * mask_ratio)`` (at least 1) masked tokens per sample.
+
+        ``generator`` (CPU) makes the masks reproducible; :meth:`losses` seeds it from the
+        batch (:func:`~spadkit.data.augment.batch_seed`), so validation masks are fixed,
+        DDP ranks differ and a resumed run draws the same masks.
+        """
         count = min(num_tokens, max(1, round(num_tokens * self.hparams.mask_ratio)))
-        order = torch.rand(batch_size, num_tokens, device=self.device).argsort(dim=1)
-        return order < count
+        order = torch.rand(batch_size, num_tokens, generator=generator).argsort(dim=1)
+        return (order < count).to(self.device)
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Every enabled objective's loss and ``loss``, their weighted sum."""
         x, spacing = batch["image"], batch["spacing"]
         level = batch_level(spacing, x.shape[2])
         grid = token_grid(x.shape[2:], level)
-        mask = self.random_mask(len(x), math.prod(grid))
+        generator = torch.Generator().manual_seed(batch_seed(0, batch))
+        mask = self.random_mask(len(x), math.prod(grid), generator)
         features = self.backbone.forward_features(x, spacing, mask)
         tokens = features[:, self.backbone.num_prefix_tokens :]
         hp = self.hparams

@@ -141,3 +141,16 @@ def test_flips_keep_the_patch_affine_true_to_its_voxels():
         torch.testing.assert_close(world_after, (affine @ source)[:3])
         torch.testing.assert_close(out["image"][sample, 0], original[sample, 0][tuple(flipped_from)])
         torch.testing.assert_close(out["origin"][sample], out["affine"][sample, :3, 3])
+
+
+def test_ranks_draw_different_augmentations_and_a_replay_draws_the_same(uniform_store):
+    """``position`` restarts at 0 on every rank; the global ``draw`` key does not."""
+    firsts = [next(iter(make_stream(uniform_store, rank=rank, world_size=2))) for rank in (0, 1)]
+    assert firsts[0]["position"].tolist() == firsts[1]["position"].tolist()
+    assert firsts[0]["draw"].tolist() != firsts[1]["draw"].tolist()
+    augment = BatchAugment(flip_prob=0.5, gamma_prob=1.0, intensity_prob=1.0)
+    params = [augment(batch)["augment"] for batch in firsts]
+    assert not torch.equal(params[0]["scale"], params[1]["scale"])
+    replay = augment(next(iter(make_stream(uniform_store, rank=0, world_size=2))))["augment"]
+    for key in ("flip", "gamma", "scale", "shift"):
+        assert torch.equal(replay[key], params[0][key])
