@@ -192,9 +192,11 @@ def pretrain(argv: Sequence[str]) -> int:
     args = list(argv)
     if not args or args[0] not in (*LIGHTNING_SUBCOMMANDS, "-h", "--help"):
         args.insert(0, "fit")
-    for i, arg in enumerate(args[:-1]):
-        if arg in ("-c", "--config"):
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
             args[i + 1] = bundled_config(args[i + 1])
+        elif arg.startswith("--config="):
+            args[i] = "--config=" + bundled_config(arg.removeprefix("--config="))
     saved_argv = sys.argv  # LightningCLI warns when given args while sys.argv holds others
     sys.argv = ["spadkit pretrain", *args]
     try:

@@ -11,11 +11,16 @@ communicating, and a resumed run recomputes it exactly:
 2. Visits are shuffled, then grouped ``batch_size`` at a time among cases whose
    patches can share a batch (same channels and patch shape: one token grid per
    batch). A group yields ``samples_per_case`` batches, each with one patch from
-   every case of the group (as TorchIO's ``samples_per_volume``).
-3. Groups are shuffled and padded by wrap-around to a multiple of the world
-   size; rank ``r`` takes groups ``r, r + world, ...``. Every rank therefore
-   has the same number of batches (unequal counts hang NCCL, PITFALLS 10), no
-   visit is dropped, and only the few padding groups repeat a visit.
+   every case of the group (as TorchIO's ``samples_per_volume``). A shape's last,
+   short group is filled with other cases of that shape drawn at random (extra
+   visits); a case repeats inside a batch only when fewer than ``batch_size``
+   cases share its shape.
+3. Groups are shuffled and padded by wrap-around to a count fixed for the run,
+   ``ceil(visits / batch_size) + shapes - 1`` rounded up to a multiple of the
+   world size (the most any epoch can need), so every epoch has the same length
+   (Lightning reads it once). Rank ``r`` takes groups ``r, r + world, ...``:
+   every rank has the same number of batches (unequal counts hang NCCL,
+   PITFALLS 10), no visit is dropped, and only the padding groups repeat visits.
 4. Batches are ordered so that ``interleave`` consecutive groups alternate,
    which mixes cases across consecutive steps while keeping each case's chunks
    hot in the cache.
@@ -27,7 +32,7 @@ batches ``s + w, s + w + K, ...``; the loader's in-order delivery (worker 0, 1,
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,33 +105,49 @@ def make_plan(
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     rng = np.random.default_rng([seed, epoch])
     counts = allocate_visits(visits_per_epoch, visit_shares)
-    visits = []
+    visits, pools = [], {}
     for dataset, (count, keys) in enumerate(zip(counts, batch_keys)):
-        if count:
-            rounds = -(-int(count) // len(keys))
-            cases = np.concatenate([rng.permutation(len(keys)) for _ in range(rounds)])[:count]
-            visits.extend((dataset, int(c)) for c in cases)
+        if not count:
+            continue
+        for case, key in enumerate(keys):
+            pools.setdefault(key, []).append((dataset, case))
+        rounds = -(-int(count) // len(keys))
+        cases = np.concatenate([rng.permutation(len(keys)) for _ in range(rounds)])[:count]
+        visits.extend((dataset, int(c)) for c in cases)
     visits = [visits[i] for i in rng.permutation(len(visits))]
-    groups = _group_by_key(visits, lambda v: batch_keys[v[0]][v[1]], batch_size)
+    groups = _group_by_key(visits, lambda v: batch_keys[v[0]][v[1]], batch_size, pools, rng)
     groups = [groups[i] for i in rng.permutation(len(groups))]
-    padding = -len(groups) % world_size
-    groups += [groups[i % len(groups)] for i in range(padding)]
+    # A fixed count every epoch: the most groups any split of the visits over the keys can need.
+    fixed = -(-len(visits) // batch_size) + len(pools) - 1
+    fixed += -fixed % world_size
+    groups += [groups[i % len(groups)] for i in range(fixed - len(groups))]
     ids = np.arange(rank, len(groups), world_size)
     slots = np.asarray([groups[i] for i in ids], dtype=np.int64).reshape(len(ids), batch_size, 2)
     return EpochPlan(epoch=epoch, group_ids=ids, slots=slots, order=_interleaved_order(len(ids), samples_per_case, interleave))
 
 
-def _group_by_key(visits: list[tuple[int, int]], key, size: int) -> list[list[tuple[int, int]]]:
-    """Cut visits into groups of ``size`` with one key each; a short last group of a key
-    is filled by wrapping around that key's visits."""
+def _group_by_key(
+    visits: list[tuple[int, int]],
+    key: Callable[[tuple[int, int]], Hashable],
+    size: int,
+    pools: dict[Hashable, list[tuple[int, int]]],
+    rng: np.random.Generator,
+) -> list[list[tuple[int, int]]]:
+    """Cut visits into groups of ``size`` with one key each. A key's short last group is
+    filled with other cases of that key (``pools``), drawn at random; a case repeats in a
+    group only when fewer than ``size`` cases share the key."""
     buckets: dict[Hashable, list[tuple[int, int]]] = {}
     for visit in visits:
         buckets.setdefault(key(visit), []).append(visit)
     groups = []
-    for bucket in buckets.values():
+    for bucket_key, bucket in buckets.items():
         for start in range(0, len(bucket), size):
             group = bucket[start : start + size]
-            group += [bucket[i % len(bucket)] for i in range(size - len(group))]
+            if len(group) < size:
+                pool = pools[bucket_key]
+                others = [pool[i] for i in rng.permutation(len(pool)) if pool[i] not in group]
+                fill = (others or group) * size
+                group = group + fill[: size - len(group)]
             groups.append(group)
     return groups
 

@@ -85,7 +85,7 @@ class CaseReader:
 
     def _find_locations(self) -> dict[int, np.ndarray]:
         case = self.case
-        labels = _open(_latest_label_path(f"{case.store.rstrip('/')}/{case.case_id}", case), case)
+        labels = self.label.array
         rng = np.random.default_rng(0)
         kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # class -> (coords, random keys)
         step = int(labels.chunks[1])

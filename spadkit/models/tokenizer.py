@@ -93,21 +93,20 @@ class SpadVT(nn.Module):
         self.up_convs = nn.ModuleList([_ConvUnit(c1, c1, 3, 1, 3, nn.LeakyReLU), _ConvUnit(c0, c0, 3, 1, 2, nn.LeakyReLU)])
         self.out = SpadConvTranspose3d(c0, in_chans, 4, level=2)
 
-    def encode(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """Code logits ``(B, K, gz, gy, gx)`` of images ``(B, C, Z, Y, X)`` (intensities in [0, 1])."""
-        level = batch_level(spacing, x.shape[2])
+    def _quantised(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         h = 2 * x - 1
         for unit in self.encoder:
             h = unit(h, level)
-        return self.quantizer(h)[1]
+        return self.quantizer(h)
+
+    def encode(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """Code logits ``(B, K, gz, gy, gx)`` of images ``(B, C, Z, Y, X)`` (intensities in [0, 1])."""
+        return self._quantised(x, batch_level(spacing, x.shape[2]))[1]
 
     def forward(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction ``(B, C, Z, Y, X)`` in [0, 1] scale and code logits ``(B, K, gz, gy, gx)``."""
         level = batch_level(spacing, x.shape[2])
-        h = 2 * x - 1
-        for unit in self.encoder:
-            h = unit(h, level)
-        h, logits = self.quantizer(h)
+        h, logits = self._quantised(x, level)
         for unit in self.decoder_convs:
             h = unit(h, level)
         for up, unit in zip(self.up, self.up_convs):

@@ -144,7 +144,8 @@ class MIMPretrain(L.LightningModule):
             target_px = (target_px - target_px.mean(-1, keepdim=True)) / (target_px.var(-1, keepdim=True) + 1e-6).sqrt()
             out["mae"] = F.mse_loss(pred[mask], target_px[mask])
         if self.modality_head is not None:
-            labels = torch.tensor([self.modalities.index(m) if m in self.modalities else -100 for m in batch["modality"]], device=x.device)
+            known = {m.upper(): i for i, m in enumerate(self.modalities)}
+            labels = torch.tensor([known.get((m or "").upper(), -100) for m in batch["modality"]], device=x.device)
             logits = self.modality_head(features[:, 0])
             out["modality"] = F.cross_entropy(logits, labels, ignore_index=-100) if (labels >= 0).any() else logits.sum() * 0
         if self.scale_head is not None:

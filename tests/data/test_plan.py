@@ -139,3 +139,35 @@ def test_batches_interleave_groups_step_major():
 def test_rank_outside_world_raises():
     with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
         _plan([["a"] * 4], world=2, rank=2)
+
+
+def _small_plan(keys, shares, visits, batch, epoch=0, world=1, rank=0):
+    return make_plan(keys, np.asarray(shares, dtype=float), visits_per_epoch=visits, batch_size=batch, samples_per_case=1, seed=0, epoch=epoch, rank=rank, world_size=world)
+
+
+def test_every_epoch_has_the_same_length_when_visits_fall_unevenly_on_shapes():
+    keys = [["A", "A", "B"]]  # which shape gets the 4 visits changes with the epoch
+    lengths = {len(_small_plan(keys, [1.0], 4, 2, epoch=e)) for e in range(12)}
+    assert len(lengths) == 1
+    for world in (2, 3):
+        assert len({len(_small_plan(keys, [1.0], 4, 2, epoch=e, world=world, rank=r)) for e in range(6) for r in range(world)}) == 1
+
+
+def test_a_short_group_is_filled_with_other_cases_of_its_shape():
+    keys = [["A"] * 5]  # 5 visits, batch 3: the second group needs one extra case
+    plan = _small_plan(keys, [1.0], 5, 3)
+    for slots in plan.slots:
+        cases = [tuple(s) for s in slots]
+        assert len(set(cases)) == 3  # never the same case twice in a batch
+    visited = {tuple(s) for slots in plan.slots for s in slots}
+    assert visited == {(0, c) for c in range(5)}
+
+
+def test_a_lone_shape_repeats_its_case_only_because_no_other_case_shares_it():
+    plan = _small_plan([["A", "A", "A", "A", "B"]], [1.0], 5, 2)
+    for slots in plan.slots:
+        cases = [tuple(s) for s in slots]
+        if (0, 4) in cases:
+            assert cases == [(0, 4), (0, 4)]
+        else:
+            assert len(set(cases)) == 2
