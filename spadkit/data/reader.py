@@ -84,7 +84,6 @@ class CaseReader:
             return self._locations
 
     def _find_locations(self) -> dict[int, np.ndarray]:
-        case = self.case
         labels = self.label.array
         rng = np.random.default_rng(0)
         kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # class -> (coords, random keys)
@@ -136,13 +135,20 @@ def intensity_transform(case: CaseInfo, mode: Intensity) -> tuple[np.ndarray, np
 
 
 class ReaderPool:
-    """Open :class:`CaseReader` objects of one process, least recently used closed first."""
+    """Open :class:`CaseReader` objects of one process, least recently used closed first.
 
-    def __init__(self, cache: ChunkCache, intensity: Intensity, max_open: int = 256):
+    The foreground locations of closed readers are kept (up to ``max_locations``
+    cases, ~120 kB per class at most), so a dataset with more cases than
+    ``max_open`` does not rescan its label volumes on every visit.
+    """
+
+    def __init__(self, cache: ChunkCache, intensity: Intensity, max_open: int = 256, max_locations: int = 8192):
         self.cache = cache
         self.intensity = intensity
         self.max_open = max_open
+        self.max_locations = max_locations
         self._readers: OrderedDict[tuple[str, str, int, str | None], CaseReader] = OrderedDict()
+        self._locations: OrderedDict[tuple[str, str, int, str | None], dict[int, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, case: CaseInfo) -> CaseReader:
@@ -156,9 +162,15 @@ class ReaderPool:
                 return reader
         reader = CaseReader(case, self.cache, self.intensity)
         with self._lock:
+            reader._locations = self._locations.get(key)
             self._readers[key] = reader
             while len(self._readers) > self.max_open:
-                self._readers.popitem(last=False)
+                closed_key, closed = self._readers.popitem(last=False)
+                if closed._locations is not None:
+                    self._locations[closed_key] = closed._locations
+                    self._locations.move_to_end(closed_key)
+                    while len(self._locations) > self.max_locations:
+                        self._locations.popitem(last=False)
         return reader
 
 

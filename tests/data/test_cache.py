@@ -117,3 +117,17 @@ def test_stores_with_the_same_case_ids_never_share_chunks(uniform_store, tmp_pat
         names.append(batch["dataset"][0])
     assert sorted(set(names)) == ["twin", "uniform"]
     assert len({name for name, _ in stream.cache._chunks}) == 2
+
+
+def test_label_locations_survive_a_closed_reader(mixed_store):
+    """More cases than open readers: a case's foreground locations are found once, not per visit."""
+    from spadkit.data.cache import ChunkCache
+    from spadkit.data.reader import ReaderPool
+    from spadkit.data.sources import DatasetSource, index_source
+
+    cases = index_source(DatasetSource(mixed_store.url, label="seg"))
+    pool = ReaderPool(ChunkCache(0), "none", max_open=1)
+    first = pool.get(cases[0]).class_locations()
+    pool.get(cases[1])  # closes the first reader
+    reopened = pool.get(cases[0])
+    assert reopened._locations is first  # restored, no rescan
