@@ -128,6 +128,8 @@ def test_pretrain_runs_a_bundled_config_and_exports_weights(tmp_path):
     _, cfg = load_pretrained(export)
     assert cfg.architecture == "spad_vt_test" and cfg.provenance["steps"] == 3
     assert cfg.provenance["datasets"] == ["demo.zarr"]
+    assert cfg.provenance["data"]["intensity"] == "percentile" and "total_stride" in cfg.provenance["data"]["patch_size"]
+    assert cfg.intensity.startswith("percentile")
     create_model("spad_vt_test", pretrained=export)
 
 

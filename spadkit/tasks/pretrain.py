@@ -169,12 +169,7 @@ class MIMPretrain(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            cfg = PretrainedCfg(
-                architecture=self.hparams.backbone,
-                in_chans=self.hparams.in_chans,
-                modalities=self.modalities,
-                provenance=provenance(self, "mim+mae+aux pretraining"),
-            )
+            cfg = pretrained_cfg(self, self.hparams.backbone, "mim+mae+aux pretraining", modalities=self.modalities)
             save_pretrained(self.backbone, cfg, self.hparams.export_dir)
 
 
@@ -231,6 +226,22 @@ def adamw_with_cosine(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+INTENSITY_RULES = {
+    "percentile": PretrainedCfg.intensity,
+    "zscore": "zscore: subtract the case's mean intensity, divide by its standard deviation",
+    "none": "none: raw intensities as float32",
+}
+
+
+def pretrained_cfg(module: L.LightningModule, architecture: str, objective: str, **fields: Any) -> PretrainedCfg:
+    """The :class:`PretrainedCfg` of weights trained by ``module``, with the intensity rule
+    and patch settings the DataModule actually used."""
+    datamodule = module.trainer.datamodule if module._trainer is not None else None
+    stream_args = getattr(datamodule, "stream_args", {})
+    intensity = INTENSITY_RULES.get(stream_args.get("intensity", "percentile"), PretrainedCfg.intensity)
+    return PretrainedCfg(architecture=architecture, in_chans=module.hparams.in_chans, intensity=intensity, provenance=provenance(module, objective), **fields)
+
+
 def provenance(module: L.LightningModule, objective: str) -> dict[str, Any]:
     """What went into a set of weights: objective, steps, datasets, version, scalar hyperparameters."""
     datamodule = module.trainer.datamodule if module._trainer is not None else None
@@ -239,6 +250,7 @@ def provenance(module: L.LightningModule, objective: str) -> dict[str, Any]:
         "objective": objective,
         "steps": int(module.global_step) // len(module.trainer.optimizers or [None]),
         "datasets": [Path(s).name for s in sources],
+        "data": {k: repr(v) if not isinstance(v, (int, float, str, bool, type(None))) else v for k, v in getattr(datamodule, "stream_args", {}).items()},
         "spadkit_version": spadkit.__version__,
         "hparams": {k: v for k, v in module.hparams.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }

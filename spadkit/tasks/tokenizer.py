@@ -15,9 +15,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from spadkit.models import PatchDiscriminator, PretrainedCfg, create_model, save_pretrained
+from spadkit.models import PatchDiscriminator, create_model, save_pretrained
 from spadkit.models.tokenizer import hinge_losses, tokenizer_losses
-from spadkit.tasks.pretrain import adamw_with_cosine, provenance
+from spadkit.tasks.pretrain import adamw_with_cosine, pretrained_cfg
 
 
 class TokenizerPretrain(L.LightningModule):
@@ -104,5 +104,5 @@ class TokenizerPretrain(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            cfg = PretrainedCfg(architecture=self.hparams.tokenizer, in_chans=self.hparams.in_chans, provenance=provenance(self, "tokenizer"))
+            cfg = pretrained_cfg(self, self.hparams.tokenizer, "tokenizer")
             save_pretrained(self.tokenizer, cfg, self.hparams.export_dir)
