@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -25,6 +25,8 @@ from spadkit.data.cache import CachedArray, ChunkCache
 from spadkit.data.patches import window_slices
 from spadkit.data.sources import CaseInfo
 from spadkit.errors import StoreError
+from spadkit.io.omezarr import OMEZarrStore
+from spadkit.volume import Volume
 
 Intensity = Literal["percentile", "zscore", "none"]
 INTENSITY_MODES = ("percentile", "zscore", "none")
@@ -35,14 +37,14 @@ MAX_LOCATIONS_PER_CLASS = 10_000
 class CaseReader:
     """Patches of one case, read through a shared chunk cache."""
 
-    def __init__(self, case: CaseInfo, cache: ChunkCache, intensity: Intensity = "percentile"):
+    def __init__(self, case: CaseInfo, store: OMEZarrStore, cache: ChunkCache, intensity: Intensity = "percentile"):
         self.case = case
-        root = f"{case.store.rstrip('/')}/{case.case_id}"
-        self.image = CachedArray(_open(f"{root}/{case.level}", case), cache, check_missing=case.all_chunks_written)
+        image = _open(lambda: store.read_image(case.case_id, case.level), case, "image")
+        self.image = CachedArray(image, cache, check_missing=case.all_chunks_written)
         self.label = None
         if case.label is not None:
-            label_array = _open(_latest_label_path(root, case), case)
-            self.label = CachedArray(label_array, cache, check_missing=case.all_chunks_written)
+            label = _open(lambda: store.read_label(case.case_id, case.label, level=case.level), case, f"label {case.label!r}")
+            self.label = CachedArray(label, cache, check_missing=case.all_chunks_written)
         self.offset, self.scale, self.clip = intensity_transform(case, intensity)
         self.pad_value = np.asarray([s.get("min", 0.0) for s in case.intensity] or [0.0] * case.shape[0], dtype=np.float32)
         self._locations: dict[int, np.ndarray] | None = None
@@ -148,6 +150,7 @@ class ReaderPool:
         self.max_open = max_open
         self.max_locations = max_locations
         self._readers: OrderedDict[tuple[str, str, int, str | None], CaseReader] = OrderedDict()
+        self._stores: dict[str, OMEZarrStore] = {}
         self._locations: OrderedDict[tuple[str, str, int, str | None], dict[int, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -160,7 +163,13 @@ class ReaderPool:
             if reader is not None:
                 self._readers.move_to_end(key)
                 return reader
-        reader = CaseReader(case, self.cache, self.intensity)
+        with self._lock:
+            store = self._stores.get(case.store)
+        if store is None:
+            store = OMEZarrStore(case.store, storage_options=case.storage_options)
+            with self._lock:
+                store = self._stores.setdefault(case.store, store)
+        reader = CaseReader(case, store, self.cache, self.intensity)
         with self._lock:
             reader._locations = self._locations.get(key)
             self._readers[key] = reader
@@ -174,18 +183,13 @@ class ReaderPool:
         return reader
 
 
-def _open(path: str, case: CaseInfo) -> zarr.Array:
+def _open(read: Callable[[], Volume], case: CaseInfo, what: str) -> zarr.Array:
+    """The Zarr array of a store read, with a missing array reported as lost data."""
     try:
-        return zarr.open_array(path, mode="r", zarr_format=3, storage_options=case.storage_options or None)
+        return read().array
     except (FileNotFoundError, KeyError) as error:
         raise StoreError(
-            f"array {path} of case {case.case_id} is missing",
+            f"the {what} array of case {case.case_id} (level {case.level}) is missing",
             path=case.store,
             fix="the store changed since it was indexed or lost files: copy it again or re-ingest the case.",
         ) from error
-
-
-def _latest_label_path(root: str, case: CaseInfo, level: int | None = None) -> str:
-    group = zarr.open_group(f"{root}/labels/{case.label}", mode="r", zarr_format=3, storage_options=case.storage_options or None)
-    latest = group.attrs["spadkit"]["versions"][-1]["path"]
-    return f"{root}/labels/{case.label}/{latest}/{case.level if level is None else level}"

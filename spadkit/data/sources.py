@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from spadkit.errors import StoreError
-from spadkit.io.omezarr import OMEZarrStore, _level_affine
+from spadkit.io.omezarr import OMEZarrStore
 
 Mixing = Literal["proportional", "uniform"] | float
 
@@ -139,14 +139,14 @@ def _case_info(store: OMEZarrStore, case_id: str, dataset: str, spec: DatasetSou
         )
     factor = factors[spec.level]
     try:
-        array = store.read_image(case_id, spec.level).array
+        image = store.read_image(case_id, spec.level)
     except (KeyError, FileNotFoundError) as error:  # zarr raises KeyError for a missing array
         raise StoreError(
             f"case {case_id} is marked complete but its image level {spec.level} is missing ({error!r})",
             path=store.url,
             fix="the store lost files (e.g. an interrupted copy): copy it again, or re-ingest the case with `spadkit ingest`.",
         ) from error
-    affine = _level_affine(np.asarray(attrs["affine"]), factor)
+    array = image.array
     spacing = tuple(float(s) * f for s, f in zip(attrs["spacing_zyx_mm"], factor))
     return CaseInfo(
         dataset=dataset,
@@ -154,7 +154,7 @@ def _case_info(store: OMEZarrStore, case_id: str, dataset: str, spec: DatasetSou
         case_id=case_id,
         shape=tuple(int(s) for s in array.shape),
         spacing=spacing,
-        affine=tuple(tuple(float(v) for v in row) for row in affine),
+        affine=tuple(tuple(float(v) for v in row) for row in image.affine),
         modality=attrs.get("modality"),
         dtype=str(array.dtype),
         intensity=tuple(attrs.get("intensity", ())),

@@ -35,7 +35,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from spadkit.data.cache import ChunkCache
-from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler, coarse_axis_first
+from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
+from spadkit.data.patches import coarse_axis_first as coarse_axis_first_of
 from spadkit.data.plan import BatchSpec, EpochPlan, make_plan
 from spadkit.data.reader import INTENSITY_MODES, Intensity, ReaderPool
 from spadkit.data.sources import (
@@ -146,10 +147,15 @@ class PatchStream(IterableDataset):
             raise ValueError("LabelSampler needs label=... on every DatasetSource (which label map to use)")
         self.shares = dataset_probabilities([len(c) for c in self.cases], mixing, [s.weight for s in self.sources])
         self.visits_per_epoch = int(visits_per_epoch or sum(len(c) for c in self.cases))
-        self.axes = [[patch_axes(c) if coarse_axis_first else (0, 1, 2) for c in cases] for cases in self.cases]
+        self.axes = [[coarse_axis_first_of(c.spacing, c.spatial_shape) if coarse_axis_first else (0, 1, 2) for c in cases] for cases in self.cases]
         self.patch_shapes = [
             [self.patch_size.shape_for(_permuted(c.spacing, a), _permuted(c.spatial_shape, a)) for c, a in zip(cases, axes)]
             for cases, axes in zip(self.cases, self.axes)
+        ]
+        #: Cases share a batch only with equal keys: channels, patch shape, whether labels are read.
+        self.batch_keys = [
+            [(case.shape[0], *shape, case.label is not None) for case, shape in zip(cases, shapes)]
+            for cases, shapes in zip(self.cases, self.patch_shapes)
         ]
         self.rank, self.world_size = distributed_rank() if rank is None else (rank, world_size or 1)
         self.fixed_epoch = fixed_epoch
@@ -185,12 +191,8 @@ class PatchStream(IterableDataset):
         return self._plans[epoch]
 
     def _make_plan(self, epoch: int) -> EpochPlan:
-        keys = [
-            [(case.shape[0], *shape, case.label is not None) for case, shape in zip(cases, shapes)]
-            for cases, shapes in zip(self.cases, self.patch_shapes)
-        ]
         return make_plan(
-            keys,
+            self.batch_keys,
             self.shares,
             visits_per_epoch=self.visits_per_epoch,
             batch_size=self.batch_size,
@@ -375,11 +377,6 @@ def _patch_affine(case: CaseInfo, start: Sequence[int], axes: Sequence[int] = (0
     for i, stored in enumerate(axes):  # array axes (Z, Y, X) are the affine's voxel columns (2, 1, 0)
         patch[:3, 2 - i] = affine[:3, 2 - stored]
     return patch
-
-
-def patch_axes(case: CaseInfo) -> tuple[int, int, int]:
-    """:func:`~spadkit.data.patches.coarse_axis_first` of a case."""
-    return coarse_axis_first(case.spacing, case.spatial_shape)
 
 
 def _permuted(values: Sequence, axes: Sequence[int]) -> tuple:

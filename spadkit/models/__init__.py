@@ -6,6 +6,7 @@ from spadkit.models.heads import (
     PixelHead,
     ScaleClassifier,
     reverse_gradient,
+    scale_bin,
 )
 from spadkit.models.registry import (
     PretrainedCfg,
@@ -25,7 +26,7 @@ from spadkit.models.spad import (
     total_stride,
 )
 from spadkit.models.tokenizer import PatchDiscriminator, SpadVT
-from spadkit.models.vit import SpadViT
+from spadkit.models.vit import SpadViT, patch_shape, token_grid
 
 __all__ = [
     "CodeHead",
@@ -44,9 +45,12 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "load_state_dict",
+    "patch_shape",
     "plan_downsampling",
     "register_model",
     "reverse_gradient",
     "save_pretrained",
+    "scale_bin",
+    "token_grid",
     "total_stride",
 ]

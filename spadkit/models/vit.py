@@ -34,6 +34,16 @@ PATCH = 16
 PATCH_HALVINGS = 4
 
 
+def patch_shape(level: int) -> tuple[int, int, int]:
+    """Voxels per token ``(dz, 16, 16)`` of the stride-16 SPAD patch embedding at anisotropy ``level``."""
+    return (2 ** depth_halvings(0, PATCH_HALVINGS, level), PATCH, PATCH)
+
+
+def token_grid(spatial_shape: Sequence[int], level: int) -> tuple[int, int, int]:
+    """Token grid ``(gz, gy, gx)`` of an input ``(Z, Y, X)`` at anisotropy ``level``."""
+    return tuple(n // p for n, p in zip(spatial_shape, patch_shape(level)))
+
+
 @functools.lru_cache(maxsize=64)
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos``, ``sin`` of shape ``(N, head_dim // 2)`` for a token grid ``(gz, gy, gx)``.
@@ -171,7 +181,7 @@ class SpadViT(nn.Module):
             ``(B, 1 + N, C)`` tokens and the token grid ``(gz, gy, gx)``.
         """
         level = batch_level(spacing, x.shape[2])
-        patch = (2 ** depth_halvings(0, PATCH_HALVINGS, level), PATCH, PATCH)
+        patch = patch_shape(level)
         if x.ndim != 5 or any(n % p for n, p in zip(x.shape[2:], patch)):
             raise ValueError(
                 f"input {tuple(x.shape)} must be (B, C, Z, Y, X) with Z, Y, X multiples of the patch {patch} "

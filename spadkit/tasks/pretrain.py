@@ -42,9 +42,10 @@ from spadkit.models import (
     create_model,
     load_pretrained,
     save_pretrained,
+    scale_bin,
 )
-from spadkit.models.spad import batch_level, depth_halvings
-from spadkit.models.vit import PATCH, PATCH_HALVINGS
+from spadkit.models.spad import batch_level
+from spadkit.models.vit import token_grid
 
 
 class MIMPretrain(L.LightningModule):
@@ -100,6 +101,7 @@ class MIMPretrain(L.LightningModule):
             self.code_head = CodeHead(dim, self.tokenizer.num_codes)
         self.pixel_head = PixelHead(dim, in_chans) if mae_weight > 0 else None
         self.modalities = list(modalities)
+        self._modality_index = {m.upper(): i for i, m in enumerate(self.modalities)}  # names match case-insensitively
         self.modality_head = ModalityDiscriminator(dim, len(self.modalities)) if modality_weight > 0 else None
         self.register_buffer("scale_edges", torch.tensor(list(scale_edges_mm), dtype=torch.float32), persistent=False)
         self.scale_head = ScaleClassifier(dim, len(scale_edges_mm) + 1) if scale_weight > 0 else None
@@ -144,13 +146,12 @@ class MIMPretrain(L.LightningModule):
             target_px = (target_px - target_px.mean(-1, keepdim=True)) / (target_px.var(-1, keepdim=True) + 1e-6).sqrt()
             out["mae"] = F.mse_loss(pred[mask], target_px[mask])
         if self.modality_head is not None:
-            known = {m.upper(): i for i, m in enumerate(self.modalities)}
-            labels = torch.tensor([known.get((m or "").upper(), -100) for m in batch["modality"]], device=x.device)
+            labels = torch.tensor([self._modality_index.get((m or "").upper(), -100) for m in batch["modality"]], device=x.device)
             logits = self.modality_head(features[:, 0])
             out["modality"] = F.cross_entropy(logits, labels, ignore_index=-100) if (labels >= 0).any() else logits.sum() * 0
         if self.scale_head is not None:
             extent = (spacing[:, 1:] * torch.tensor(x.shape[3:], device=x.device)).amin(dim=1).float()
-            out["scale"] = F.cross_entropy(self.scale_head(features[:, 0]), torch.bucketize(extent, self.scale_edges))
+            out["scale"] = F.cross_entropy(self.scale_head(features[:, 0]), scale_bin(extent, self.scale_edges))
         weights = {"mim": hp.mim_weight, "mae": hp.mae_weight, "modality": hp.modality_weight, "scale": hp.scale_weight}
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
@@ -178,12 +179,6 @@ def _frozen_tokenizer(directory: str) -> torch.nn.Module:
     tokenizer = create_model(cfg.architecture, pretrained=directory, in_chans=cfg.in_chans)
     tokenizer.requires_grad_(False).eval()
     return tokenizer
-
-
-def token_grid(spatial_shape: Sequence[int], level: int) -> tuple[int, int, int]:
-    """Token grid ``(gz, gy, gx)`` of a stride-16 SPAD patch embedding for an input ``(Z, Y, X)``."""
-    depth_patch = 2 ** depth_halvings(0, PATCH_HALVINGS, level)
-    return (spatial_shape[0] // depth_patch, spatial_shape[1] // PATCH, spatial_shape[2] // PATCH)
 
 
 def _patches(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

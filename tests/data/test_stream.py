@@ -301,7 +301,7 @@ def test_foreground_ratio_zero_rarely_finds_the_small_lesion(mixed_store):
 
 def test_class_locations_are_exactly_the_label_voxels(mixed_store):
     case = next(c for c in index_source(DatasetSource(mixed_store.url, label="seg")) if c.case_id == "iso_a")
-    locations = CaseReader(case, ChunkCache(0), "none").class_locations()
+    locations = CaseReader(case, OMEZarrStore(case.store), ChunkCache(0), "none").class_locations()
     label = mixed_store.cases["iso_a"].label[0]
     assert sorted(locations) == [1, 2]
     for value in (1, 2):
@@ -317,8 +317,8 @@ def test_class_locations_subsample_uniformly_across_chunks(tmp_path, monkeypatch
     write(OMEZarrStore(url, mode="a"), StoreFixture(url), "tall", encoded((80, 20, 20)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), label)
     monkeypatch.setattr(reader_module, "MAX_LOCATIONS_PER_CLASS", 3000)
     (case,) = index_source(DatasetSource(url, label="seg"))
-    first = CaseReader(case, ChunkCache(0), "none").class_locations()
-    again = CaseReader(case, ChunkCache(0), "none").class_locations()
+    first = CaseReader(case, OMEZarrStore(case.store), ChunkCache(0), "none").class_locations()
+    again = CaseReader(case, OMEZarrStore(case.store), ChunkCache(0), "none").class_locations()
     assert len(first[1]) == 3000 and len(np.unique(first[1], axis=0)) == 3000
     assert np.all(label[tuple(first[1].T)] == 1)
     np.testing.assert_array_equal(first[1], again[1])  # the same in every worker and rank

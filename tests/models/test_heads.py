@@ -12,9 +12,9 @@ from spadkit.models import (
     ScaleClassifier,
     batch_level,
     reverse_gradient,
+    token_grid,
 )
 from spadkit.models.heads import scale_bin
-from spadkit.tasks import token_grid
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.25, 3.0])

@@ -21,9 +21,9 @@ from spadkit.models import (
     load_pretrained,
     load_state_dict,
     save_pretrained,
+    token_grid,
 )
 from spadkit.models.registry import CFG_FILE, WEIGHTS_FILE
-from spadkit.tasks import token_grid
 
 # the three spacing kinds, on one set of weights: (shape (Z, Y, X), spacing (Z, Y, X) mm)
 VIT_INPUTS = {"iso": ((32, 32, 32), (1.0, 1.0, 1.0)), "aniso": ((8, 32, 32), (3.0, 0.75, 0.75)), "2d": ((1, 32, 32), (1.0, 1.0, 1.0))}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spadkit.models import SpadViT, batch_level, create_model
+from spadkit.models import SpadViT, batch_level, create_model, token_grid
 from spadkit.models.vit import apply_rope, resample_grid, rope_tables
-from spadkit.tasks import token_grid
 
 HEAD_DIM = 16
 

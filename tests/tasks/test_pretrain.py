@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from spadkit.errors import SpadkitError
-from spadkit.models import PixelHead, PretrainedCfg, create_model, save_pretrained
-from spadkit.tasks import MIMPretrain, adamw_with_cosine, token_grid
+from spadkit.models import PixelHead, PretrainedCfg, create_model, save_pretrained, token_grid
+from spadkit.tasks import MIMPretrain, adamw_with_cosine
 from spadkit.tasks.pretrain import _patches
 from tests.tasks.helpers import evaluate, fit, make_batch
 
