@@ -113,9 +113,9 @@ from monai.networks.nets import ViT
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from spadkit.data import PatchSize, PatchStream
-from spadkit.models import total_stride
+from spadkit.models import token_grid, total_stride
 from spadkit.models.spad import batch_level
-from spadkit.tasks import MIMPretrain, token_grid
+from spadkit.tasks import MIMPretrain
 
 BATCH_SIZE = 2
 """Images per CPU training batch."""
