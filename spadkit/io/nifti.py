@@ -9,8 +9,8 @@ import dask.array as da
 import nibabel as nib
 import numpy as np
 
+from spadkit.atomic import atomic_path
 from spadkit.errors import InvalidImageError
-from spadkit.io._atomic import atomic_path
 from spadkit.io._guard import GuardedArray, reading
 from spadkit.volume import Volume
 

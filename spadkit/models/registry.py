@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from spadkit.atomic import atomic_path
 from spadkit.errors import CorruptFileError, SpadkitError
-from spadkit.io._atomic import atomic_path
 from spadkit.models.tokenizer import SpadVT
 from spadkit.models.vit import SpadViT
 
