@@ -1,5 +1,7 @@
-"""Spacing-adaptive models (plain ``nn.Module``s): SPAD-ViT, the SPAD-VT tokenizer, heads, registry."""
+"""Spacing-adaptive models (plain ``nn.Module``s): SPAD-ViT, the SPAD-VT tokenizer, heads, registry,
+the SPAD-UNETR segmenter and the classifier."""
 
+from spadkit.models.classifier import SpadClassifier
 from spadkit.models.heads import (
     CodeHead,
     ModalityDiscriminator,
@@ -26,6 +28,7 @@ from spadkit.models.spad import (
     total_stride,
 )
 from spadkit.models.tokenizer import PatchDiscriminator, SpadVT
+from spadkit.models.unetr import SpadUNETR
 from spadkit.models.vit import SpadViT, patch_shape, token_grid
 
 __all__ = [
@@ -35,8 +38,10 @@ __all__ = [
     "PixelHead",
     "PretrainedCfg",
     "ScaleClassifier",
+    "SpadClassifier",
     "SpadConv3d",
     "SpadConvTranspose3d",
+    "SpadUNETR",
     "SpadVT",
     "SpadViT",
     "anisotropy_level",
