@@ -1,5 +1,8 @@
 """Turn low-level decoding failures into :class:`~spadkit.errors.CorruptFileError`.
 
+Running out of memory while decoding becomes a
+:class:`~spadkit.io.budget.DecodedSizeError` that names the file and the budget.
+
 Lazy readers hand Dask an array-like whose ``__getitem__`` reads from disk. A
 truncated file then fails deep inside Dask, long after the reader returned; the
 wrapper below makes that failure name the file and say what to do.
@@ -18,6 +21,7 @@ from nibabel.filebasedimages import ImageFileError
 from nrrd import NRRDError
 
 from spadkit.errors import CorruptFileError, SpadkitError
+from spadkit.io.budget import out_of_memory
 
 #: Exceptions that decoders raise on truncated or garbled input.
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
@@ -29,11 +33,13 @@ TRUNCATED_FIX = "the file is truncated or corrupt: download or export it again (
 
 @contextmanager
 def reading(path: str, what: str = "could not be decoded") -> Iterator[None]:
-    """Re-raise decoding errors inside the block as ``CorruptFileError`` for ``path``."""
+    """Re-raise decoding errors inside the block as ``CorruptFileError`` (``DecodedSizeError`` for MemoryError)."""
     try:
         yield
     except SpadkitError:
         raise
+    except MemoryError as err:
+        raise out_of_memory(path, err) from None
     except DECODE_ERRORS as err:
         raise CorruptFileError(f"{what} ({type(err).__name__}: {err})", path=path, fix=TRUNCATED_FIX) from err
 

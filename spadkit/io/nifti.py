@@ -12,6 +12,7 @@ import numpy as np
 from spadkit.atomic import atomic_path
 from spadkit.errors import InvalidImageError
 from spadkit.io._guard import GuardedArray, reading
+from spadkit.io.budget import check_decoded_size
 from spadkit.volume import Volume
 
 #: Slices per Dask chunk when reading an uncompressed (memory-mappable) file.
@@ -28,6 +29,8 @@ def read_nifti(path: str | os.PathLike, *, modality: str | None = None) -> Volum
     Raises:
         CorruptFileError: truncated or unreadable header or data (also on a later compute).
         InvalidImageError: 1D, 5D+ or time-series data, or non-positive spacing.
+        DecodedSizeError: the header's shape exceeds the decoded-size budget
+            (:mod:`spadkit.io.budget`); checked before any voxel is decoded.
     """
     path = str(path)
     with reading(path, "not a readable NIfTI header"):
@@ -35,6 +38,7 @@ def read_nifti(path: str | os.PathLike, *, modality: str | None = None) -> Volum
         proxy = image.dataobj
         shape = tuple(int(s) for s in proxy.shape)
         dtype = np.asarray(proxy[(slice(0, 1),) * len(shape)]).dtype  # scaled dtype; cheap even for .gz
+    check_decoded_size(shape, dtype, path)  # before any chunk is decoded (a .nii.gz is one chunk)
     zooms = _raw_pixdim(path, image)[: min(len(shape), 3)]
     if any(z <= 0 for z in zooms):
         raise InvalidImageError(
@@ -57,7 +61,7 @@ def read_nifti(path: str | os.PathLike, *, modality: str | None = None) -> Volum
     if array.ndim == 2:
         array = array[:, :, None]
     order = (3, 2, 1, 0) if array.ndim == 4 else (2, 1, 0)
-    return Volume(array.transpose(order), image.affine, modality=modality, meta={"source": path, "format": "nifti"})
+    return Volume(array.transpose(order), image.affine, modality=modality, meta={"source": path, "sources": [path], "format": "nifti"})
 
 
 def _raw_pixdim(path: str, image: nib.Nifti1Image) -> tuple[float, ...]:
