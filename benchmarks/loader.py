@@ -175,9 +175,9 @@ def template_int16() -> Any:
     """nilearn's MNI152 T1 (1 mm) as a nibabel image with int16 voxels (stored values 0..255)."""
     import nibabel as nib
 
-    from spadkit.demo import _nilearn_file
+    from spadkit.demo import nilearn_file
 
-    image = nib.load(_nilearn_file("t1"))
+    image = nib.load(nilearn_file("t1"))
     data = np.asanyarray(image.dataobj).astype(np.int16)
     return nib.Nifti1Image(data, image.affine)
 

@@ -116,8 +116,6 @@ def store_info(path: str) -> dict:
 
 
 def _is_store_root(path: str) -> bool:
-    from pathlib import Path
-
     return (Path(path) / "zarr.json").is_file() and not (Path(path).parent / "zarr.json").is_file()
 
 
@@ -167,49 +165,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def bundled_config(name: str) -> str:
-    """Path of a config: a bundled name (``pretrain_tiny``) or a path given as is."""
-    candidate = CONFIG_DIR / f"{name}.yaml"
-    return str(candidate) if "/" not in name and not name.endswith((".yaml", ".yml")) and candidate.is_file() else name
-
-
 def pretrain(argv: Sequence[str]) -> int:
-    """``spadkit pretrain [fit] --config NAME|FILE [--section.key value ...]`` through LightningCLI.
+    """``spadkit pretrain ...``: see :func:`spadkit.tasks.launch.run_pretrain`."""
+    from spadkit.tasks.launch import run_pretrain
 
-    The model (``spadkit.tasks.TokenizerPretrain`` or ``MIMPretrain``) and the
-    data (:class:`spadkit.data.PatchDataModule`) come from the config; bundled
-    configs are named without path or suffix (see ``spadkit/configs/``).
-    """
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
-
-    from spadkit.data import PatchDataModule
-
-    args = list(argv)
-    if not args or args[0] not in (*LIGHTNING_SUBCOMMANDS, "-h", "--help"):
-        args.insert(0, "fit")
-    for i, arg in enumerate(args):
-        if arg in ("-c", "--config") and i + 1 < len(args):
-            args[i + 1] = bundled_config(args[i + 1])
-        elif arg.startswith("--config="):
-            args[i] = "--config=" + bundled_config(arg.removeprefix("--config="))
-    saved_argv = sys.argv  # LightningCLI warns when given args while sys.argv holds others
-    sys.argv = ["spadkit pretrain", *args]
-    try:
-        LightningCLI(
-            L.LightningModule,
-            PatchDataModule,
-            subclass_mode_model=True,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "spadkit pretrain", "description": f"Pretraining through LightningCLI. Bundled configs: {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}."},
-        )
-    finally:
-        sys.argv = saved_argv
-    return 0
+    return run_pretrain(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from spadkit.volume import LabelVolume, Volume
 TISSUE_CLASSES = {0: "background", 1: "gray matter", 2: "white matter"}
 
 
-def _nilearn_file(kind: str) -> Path:
+def nilearn_file(kind: str) -> Path:
     """Path of nilearn's bundled MNI152 2009a file: ``t1``, ``gm`` or ``wm``."""
     import nilearn
 
@@ -40,12 +40,12 @@ def _nilearn_file(kind: str) -> Path:
 
 def mni152_tissue_labels() -> LabelVolume:
     """Label map (0 background, 1 gray, 2 white matter) where a tissue's probability exceeds 0.5."""
-    gm = read_volume(_nilearn_file("gm")).numpy()[0].astype(np.float32)
-    wm = read_volume(_nilearn_file("wm")).numpy()[0].astype(np.float32)
+    gm = read_volume(nilearn_file("gm")).numpy()[0].astype(np.float32)
+    wm = read_volume(nilearn_file("wm")).numpy()[0].astype(np.float32)
     scale = max(gm.max(), wm.max())  # stored as 0..255 in some nilearn versions, 0..1 in others
     gm, wm = gm / scale, wm / scale
     labels = np.where((wm > 0.5) & (wm >= gm), 2, np.where(gm > 0.5, 1, 0)).astype(np.uint8)
-    return LabelVolume(labels, read_volume(_nilearn_file("gm")).affine, classes=TISSUE_CLASSES)
+    return LabelVolume(labels, read_volume(nilearn_file("gm")).affine, classes=TISSUE_CLASSES)
 
 
 def thick_slices(volume: Volume, factor: int = 3) -> Volume:
@@ -66,7 +66,7 @@ def build_demo_dataset(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
-    t1 = read_volume(_nilearn_file("t1")).load()
+    t1 = read_volume(nilearn_file("t1")).load()
     t1 = Volume(t1.numpy().astype(np.int16), t1.affine)
     write_nifti(t1, folder / "images" / "mni152_t1_1mm.nii.gz")
     (folder / "images" / "mni152_t1_1mm.json").write_text('{"Modality": "MR"}\n')  # BIDS/dcm2niix sidecar
@@ -129,7 +129,7 @@ def run_demo(out: str | os.PathLike = "demo_output") -> tuple[IngestReport, Path
 
 def pretrain_demo(out: str | os.PathLike = "demo_output") -> Path:
     """Train ``spad_vt_test`` then pretrain ``spad_vit_test`` on ``out/demo.zarr``; plot ``out/pretrain_loss.png``."""
-    from spadkit.cli import pretrain
+    from spadkit.tasks.launch import run_pretrain
 
     out = Path(out)
     for config, name in (("tokenizer_tiny", "tokenizer"), ("pretrain_tiny", "pretrain")):
@@ -142,7 +142,7 @@ def pretrain_demo(out: str | os.PathLike = "demo_output") -> Path:
         ]  # fmt: skip
         if name == "pretrain":
             args.append(f"--model.init_args.tokenizer={out / 'weights' / 'spad_vt_test'}")
-        pretrain(args)
+        run_pretrain(args)
     return plot_losses({name: out / "runs" / name / "latest" / "metrics.csv" for name in ("tokenizer", "pretrain")}, out / "pretrain_loss.png")
 
 

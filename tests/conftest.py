@@ -9,7 +9,7 @@ import numpy as np
 import pydicom.data
 import pytest
 
-from spadkit.demo import _nilearn_file
+from spadkit.demo import nilearn_file
 
 NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
 PYDICOM_DATA = Path(pydicom.data.__file__).parent / "test_files"
@@ -18,13 +18,13 @@ PYDICOM_DATA = Path(pydicom.data.__file__).parent / "test_files"
 @pytest.fixture(scope="session")
 def mni_t1_path() -> Path:
     """nilearn's MNI152 2009a T1 template: 197x233x189 (x, y, z), 1 mm, RAS."""
-    return _nilearn_file("t1")
+    return nilearn_file("t1")
 
 
 @pytest.fixture(scope="session")
 def mni_gm_path() -> Path:
     """nilearn's MNI152 gray-matter probability map on the T1's grid."""
-    return _nilearn_file("gm")
+    return nilearn_file("gm")
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,30 @@
 """From OME-Zarr stores to training batches: samplers, the patch stream, augmentation, DataModule.
 
-``PatchDataModule`` is imported on first use: Lightning adds ~170 MB to a
-process that only streams patches.
+Every name is imported on first use: ``import spadkit.data`` (or a light
+submodule such as :mod:`spadkit.data.augment`) does not load zarr, dask or
+Lightning until a class that needs them is asked for.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from spadkit.data.augment import BatchAugment
-from spadkit.data.cache import ChunkCache
-from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler, grid_windows
-from spadkit.data.sources import CaseInfo, DatasetSource, dataset_probabilities, index_source
-from spadkit.data.stream import PatchStream, StreamLoader, distributed_rank
+from spadkit._lazy import lazy_exports
 
+if TYPE_CHECKING:
+    from spadkit.data.augment import BatchAugment
+    from spadkit.data.cache import ChunkCache
+    from spadkit.data.datamodule import PatchDataModule
+    from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler, grid_windows
+    from spadkit.data.sources import CaseInfo, DatasetSource, dataset_probabilities, index_source
+    from spadkit.data.stream import PatchStream, StreamLoader, distributed_rank
+
+_EXPORTS = {
+    "BatchAugment": "spadkit.data.augment",
+    "ChunkCache": "spadkit.data.cache",
+    "PatchDataModule": "spadkit.data.datamodule",
+    **dict.fromkeys(("LabelSampler", "PatchSize", "UniformSampler", "grid_windows"), "spadkit.data.patches"),
+    **dict.fromkeys(("CaseInfo", "DatasetSource", "dataset_probabilities", "index_source"), "spadkit.data.sources"),
+    **dict.fromkeys(("PatchStream", "StreamLoader", "distributed_rank"), "spadkit.data.stream"),
+}
 __all__ = [
     "BatchAugment",
     "CaseInfo",
@@ -28,11 +41,4 @@ __all__ = [
     "grid_windows",
     "index_source",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PatchDataModule":
-        from spadkit.data.datamodule import PatchDataModule
-
-        return PatchDataModule
-    raise AttributeError(f"module 'spadkit.data' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

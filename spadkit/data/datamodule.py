@@ -10,7 +10,6 @@ with the batch after the last one trained.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,11 @@ from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
 from spadkit.data.reader import Intensity
 from spadkit.data.sources import DatasetSource, Mixing
 from spadkit.data.stream import PatchStream, StreamLoader
+from spadkit.errors import SpadkitError
+from spadkit.models.spad import total_stride
+
+#: Named ``patch_multiple`` rules for configs: "spad" is the SPAD model's voxels per token along each axis.
+PATCH_MULTIPLE_RULES: dict[str, Callable[..., tuple[int, int, int]]] = {"spad": total_stride}
 
 
 class PatchDataModule(L.LightningDataModule):
@@ -33,9 +37,16 @@ class PatchDataModule(L.LightningDataModule):
             every validation sees the same patches.
         patch_size: patch edge in voxels (along the finest axis when ``spacing_aware``).
         patch_mm: patch extent in mm instead (overrides ``patch_size``).
+        patch_tokens: a fixed token grid ``(Z, Y, X)`` instead, as PUMIT's crops (``[5, 10, 10]``;
+            2D cases get one depth token), zoomed and resampled (overrides ``patch_size`` and
+            ``patch_mm``; see :class:`PatchSize`). Voxels per token: :func:`spadkit.models.total_stride`
+            unless ``patch_multiple`` says otherwise.
+        patch_zoom, patch_zoom_prob, patch_zoom_z, patch_zoom_z_prob: zoom of ``patch_tokens``
+            crops (PUMIT's defaults, see :class:`PatchSize`).
         patch_multiple: round patch edges to multiples of this: an int, ``(Z, Y, X)``, or the
-            dotted path of a function of the spacing, e.g. ``"spadkit.models.total_stride"``
-            (the SPAD model's voxels per token, so every patch tokenises exactly).
+            name of a rule in :data:`PATCH_MULTIPLE_RULES`: ``"spad"`` is the SPAD model's voxels
+            per token (:func:`spadkit.models.total_stride`), so every patch tokenises exactly.
+            Configs name rules, never functions: a YAML cannot make spadkit import code.
         spacing_aware: see :class:`PatchSize`.
         batch_size, samples_per_case, mixing, visits_per_epoch, seed, num_threads,
         cache_bytes, intensity: see :class:`PatchStream`.
@@ -44,7 +55,8 @@ class PatchDataModule(L.LightningDataModule):
         foreground_ratio: share of foreground-centred patches for ``sampler="label"``.
         num_workers: DataLoader worker processes (0: threads in the training process,
             usually fastest, see benchmarks/loader.py).
-        augment: a :class:`BatchAugment`, ``True`` for the default one, or ``None``.
+        augment: a :class:`BatchAugment`, ``True`` for the default one, ``"pumit"`` for
+            :meth:`BatchAugment.pumit` (PUMIT's pretraining augmentation), or ``None``.
         pin_memory: pin batches for faster host-to-GPU copies.
     """
 
@@ -54,7 +66,12 @@ class PatchDataModule(L.LightningDataModule):
         val: Sequence[DatasetSource | str | Path] | None = None,
         patch_size: int | Sequence[int] = 96,
         patch_mm: float | Sequence[float] | None = None,
-        patch_multiple: int | Sequence[int] | str = 1,
+        patch_tokens: int | Sequence[int] | None = None,
+        patch_zoom: tuple[float, float] = (0.75, 2.0),
+        patch_zoom_prob: float = 0.5,
+        patch_zoom_z: tuple[float, float] = (0.8, 1.25),
+        patch_zoom_z_prob: float = 0.3,
+        patch_multiple: int | Sequence[int] | Literal["spad"] = 1,
         spacing_aware: bool = True,
         batch_size: int = 2,
         samples_per_case: int = 8,
@@ -67,7 +84,7 @@ class PatchDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_bytes: int = 512 << 20,
         intensity: Intensity = "percentile",
-        augment: BatchAugment | bool | None = None,
+        augment: BatchAugment | bool | Literal["pumit"] | None = None,
         pin_memory: bool = False,
     ):
         super().__init__()
@@ -75,8 +92,14 @@ class PatchDataModule(L.LightningDataModule):
             raise ValueError(f"sampler must be 'uniform' or 'label', not {sampler!r}")
         self.train_sources = list(train)
         self.val_sources = list(val or [])
-        multiple = _resolve_callable(patch_multiple) if isinstance(patch_multiple, str) else patch_multiple
-        size = PatchSize(mm=patch_mm, multiple=multiple) if patch_mm is not None else PatchSize(voxels=patch_size, spacing_aware=spacing_aware, multiple=multiple)
+        multiple = patch_multiple_rule(patch_multiple) if isinstance(patch_multiple, str) else patch_multiple
+        if patch_tokens is not None:
+            zoom = {"zoom": tuple(patch_zoom), "zoom_prob": patch_zoom_prob, "zoom_z": tuple(patch_zoom_z), "zoom_z_prob": patch_zoom_z_prob}
+            size = PatchSize(tokens=patch_tokens, multiple=multiple, **zoom)
+        elif patch_mm is not None:
+            size = PatchSize(mm=patch_mm, multiple=multiple)
+        else:
+            size = PatchSize(voxels=patch_size, spacing_aware=spacing_aware, multiple=multiple)
         self.stream_args: dict[str, Any] = {
             "patch_size": size,
             "batch_size": batch_size,
@@ -91,7 +114,9 @@ class PatchDataModule(L.LightningDataModule):
         self.visits_per_epoch = visits_per_epoch
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.augment = BatchAugment(seed=seed) if augment is True else (augment or None)
+        if augment not in (None, False, True, "pumit") and not isinstance(augment, BatchAugment):
+            raise ValueError(f"augment must be a BatchAugment, True, 'pumit' or None, not {augment!r}")
+        self.augment = BatchAugment(seed=seed) if augment is True else BatchAugment.pumit(seed=seed) if augment == "pumit" else (augment or None)
         self.train_stream: PatchStream | None = None
         self.val_stream: PatchStream | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -124,7 +149,7 @@ class PatchDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            self.train_stream.mark_consumed(batch["position"])
+            self.train_stream.mark_consumed(batch["stream"])
             if self.augment is not None:
                 batch = self.augment(batch)
         return batch
@@ -142,13 +167,11 @@ class PatchDataModule(L.LightningDataModule):
             self._pending_state = stream_state
 
 
-def _resolve_callable(dotted: str) -> Callable:
-    """``"package.module.function"`` -> the function (for YAML configs)."""
-    module, _, name = dotted.rpartition(".")
-    try:
-        function = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"patch_multiple {dotted!r} is not an importable function, e.g. 'spadkit.models.total_stride'") from error
-    if not callable(function):
-        raise ValueError(f"patch_multiple {dotted!r} is not callable")
-    return function
+def patch_multiple_rule(name: str) -> Callable[..., tuple[int, int, int]]:
+    """The function of the spacing that a named ``patch_multiple`` rule stands for (see :data:`PATCH_MULTIPLE_RULES`)."""
+    if name not in PATCH_MULTIPLE_RULES:
+        raise SpadkitError(
+            f"patch_multiple {name!r} is not a named rule",
+            fix=f"use one of {', '.join(map(repr, PATCH_MULTIPLE_RULES))} (e.g. patch_multiple: spad), an int or [Z, Y, X].",
+        )
+    return PATCH_MULTIPLE_RULES[name]

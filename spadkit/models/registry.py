@@ -12,6 +12,8 @@ import dataclasses
 import fnmatch
 import json
 import os
+import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,18 +61,116 @@ class PretrainedCfg:
 
     @classmethod
     def from_json(cls, text: str, source: str | os.PathLike | None = None) -> PretrainedCfg:
+        """Parse and type-check a ``pretrained_cfg.json`` (unknown keys are ignored).
+
+        Raises:
+            CorruptFileError: not JSON, not an object, a missing architecture, or a field of the
+                wrong type or range (``in_chans`` must be within :data:`SIZE_LIMITS`); names ``source``.
+        """
+        fix = "re-export the weights with save_pretrained (pretrained_cfg.json is written beside model.pt)."
         try:
             data = json.loads(text)
-            known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (json.JSONDecodeError, TypeError, AttributeError) as error:  # AttributeError: JSON not an object
-            raise CorruptFileError(f"not a valid pretrained config ({error})", path=source, fix="re-export the weights with save_pretrained.") from error
+        except (json.JSONDecodeError, RecursionError, ValueError) as error:  # ValueError: a huge integer literal
+            raise CorruptFileError(f"not a valid pretrained config ({type(error).__name__}: {str(error)[:200]})", path=source, fix=fix) from None
+        if not isinstance(data, dict):
+            raise CorruptFileError(f"not a valid pretrained config (a JSON {type(data).__name__}, not an object)", path=source, fix=fix)
+        hints = typing.get_type_hints(cls)
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        if "architecture" not in values:
+            raise CorruptFileError("not a valid pretrained config (no 'architecture')", path=source, fix=fix)
+        for name, value in values.items():
+            hint = hints[name]
+            expected = typing.get_origin(hint) or hint
+            wrong = not isinstance(value, expected) or isinstance(value, bool)
+            if expected is list:
+                wrong = wrong or not all(isinstance(v, str) for v in value)
+            if wrong:
+                raise CorruptFileError(f"pretrained config field {name!r} must be {_type_name(hint)}, not {type(value).__name__} {_short(value)}", path=source, fix=fix)
+            low, high = _CFG_RANGES.get(name, (None, None))
+            if low is not None and not low <= value <= high:
+                raise CorruptFileError(f"pretrained config field {name!r} = {_short(value)} is outside {low}..{high}", path=source, fix=fix)
+        return cls(**values)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+#: Ranges (inclusive) of the size arguments :func:`create_model` accepts; ``channels`` applies to each entry.
+SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "in_chans": (1, 64),
+    "embed_dim": (1, 8192),
+    "depth": (1, 128),
+    "num_heads": (1, 128),
+    "num_codes": (2, 1 << 20),
+    "num_classes": (1, 1 << 16),
+    "channels": (1, 8192),
+}
+_CFG_RANGES = {"in_chans": SIZE_LIMITS["in_chans"], "patch_size": (1, 1024)}
+#: Environment variable capping the parameter count of a model built by :func:`create_model`.
+MAX_PARAMS_ENV = "SPADKIT_MAX_MODEL_PARAMS"
+#: Default cap: 1e9 parameters (4 GB of float32 weights; ViT-B is 8.9e7).
+DEFAULT_MAX_PARAMS = 1_000_000_000
+
+
+def max_model_params() -> int:
+    """The parameter cap: ``$SPADKIT_MAX_MODEL_PARAMS`` (an integer) or :data:`DEFAULT_MAX_PARAMS`."""
+    raw = os.environ.get(MAX_PARAMS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PARAMS
+    if not raw.isdigit() or int(raw) < 1:
+        raise SpadkitError(f"{MAX_PARAMS_ENV}={raw!r} is not a positive integer", fix=f"set {MAX_PARAMS_ENV} to a parameter count, e.g. 2000000000, or unset it.")
+    return int(raw)
+
+
+def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
+    """Type- and range-check the size arguments of ``create_model(name, **kwargs)`` (see :data:`SIZE_LIMITS`).
+
+    Raises:
+        SpadkitError: an argument is not an int (or a sequence of ints for ``channels``) within its range.
+    """
+    for key, value in kwargs.items():
+        if key not in SIZE_LIMITS:
+            continue
+        low, high = SIZE_LIMITS[key]
+        items = list(value) if key == "channels" and isinstance(value, (list, tuple)) else [value]
+        if not items or any(isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high for v in items):
+            raise SpadkitError(
+                f"{name}: {key}={_short(value)} is not {'a list of integers' if key == 'channels' else 'an integer'} in {low}..{high}",
+                fix=f"pass {key} within {low}..{high} (spadkit.models.registry.SIZE_LIMITS).",
+            )
 
 
 def create_model(name: str, pretrained: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model, optionally loading weights saved by :func:`save_pretrained`."""
+    """Build a registered model, optionally loading weights saved by :func:`save_pretrained`.
+
+    The arguments are checked first (:func:`check_model_args`), then the model is
+    built on the ``meta`` device to count its parameters, so a config asking for
+    an absurd size fails before any memory is allocated.
+
+    Raises:
+        SpadkitError: unknown name, arguments out of range or unknown, more parameters
+            than :func:`max_model_params`, or weights for another architecture.
+        CorruptFileError: the saved weights do not fit the model.
+    """
     if name not in _REGISTRY:
         raise SpadkitError(f"unknown model {name!r}", fix=f"registered models: {', '.join(list_models())}.")
+    check_model_args(name, kwargs)
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in _REGISTRY[name](**kwargs).parameters())
+    except TypeError as error:  # an unknown keyword argument
+        raise SpadkitError(f"{name}: {error}", fix=f"see help(spadkit.models.registry.{name}) for the arguments.") from None
+    if count > max_model_params():
+        raise SpadkitError(
+            f"{name} with {kwargs} would have {count:.3g} parameters, more than the limit {max_model_params():.3g}",
+            fix=f"use smaller size arguments, or raise the limit with {MAX_PARAMS_ENV}=N.",
+        )
     model = _REGISTRY[name](**kwargs)
     if pretrained is not None:
         state, cfg = load_pretrained(pretrained)
@@ -110,16 +210,29 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     return load_state_dict(weights), cfg
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+def load_state_dict(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    Args:
+        path: a file written by ``torch.save`` (a state dict or a Lightning checkpoint).
+        mmap: memory-map the tensors instead of reading them (cheap validity check of a large file).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # pickle.UnpicklingError for hostile files, RuntimeError/EOFError for truncated ones
-        raise CorruptFileError(
-            f"refused to load: not a plain tensor checkpoint ({type(error).__name__}: {' '.join(str(error).split())[:300]})",
-            path=path,
-            fix="only load checkpoints you trust; spadkit reads tensors only (weights_only=True).",
-        ) from error
+        raise checkpoint_error(path, error) from error
+
+
+def checkpoint_error(path: str | os.PathLike | None, error: BaseException) -> CorruptFileError:
+    """The error for a checkpoint ``torch.load(weights_only=True)`` refused: names the file and, for pickled code, the global."""
+    text = " ".join(str(error).split())
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    reason = f"it holds pickled code ({found.group(1)}), not only tensors" if found else f"{type(error).__name__}: {text[:300]}"
+    return CorruptFileError(
+        f"refused to load the checkpoint: {reason}",
+        path=path,
+        fix="only load checkpoints you trust; spadkit reads tensors only (weights_only=True). A truncated file must be written again.",
+    )
 
 
 # ---------------------------------------------------------------------- variants

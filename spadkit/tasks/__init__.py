@@ -1,6 +1,17 @@
-"""LightningModules: tokenizer training and SPAD-ViT pretraining."""
+"""LightningModules: tokenizer training and SPAD-ViT pretraining.
 
-from spadkit.tasks.pretrain import MIMPretrain, adamw_with_cosine
-from spadkit.tasks.tokenizer import TokenizerPretrain
+Names are imported on first use, so ``import spadkit.tasks`` costs nothing
+until a task class is asked for (and never loads the zarr/dask data stack).
+"""
 
+from typing import TYPE_CHECKING
+
+from spadkit._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from spadkit.tasks.pretrain import MIMPretrain, adamw_with_cosine
+    from spadkit.tasks.tokenizer import TokenizerPretrain
+
+_EXPORTS = {"MIMPretrain": "spadkit.tasks.pretrain", "adamw_with_cosine": "spadkit.tasks.pretrain", "TokenizerPretrain": "spadkit.tasks.tokenizer"}
 __all__ = ["MIMPretrain", "TokenizerPretrain", "adamw_with_cosine"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from spadkit.data import BatchAugment, PatchDataModule
+from spadkit.models import total_stride
 
 
 class Tiny(L.LightningModule):
@@ -23,14 +24,14 @@ class Tiny(L.LightningModule):
         self.val_positions: list[tuple[int, int]] = []
 
     def training_step(self, batch, batch_idx):
-        self.positions.append(tuple(batch["position"].tolist()))
+        self.positions.append((batch["stream"]["epoch"], batch["stream"]["index"]))
         self.sums.append(float(batch["image"].double().sum()))
         self.augments.append(batch.get("augment"))
         assert batch["image"].shape == (2, 1, 8, 8, 8)
         return self.conv(batch["image"]).mean()
 
     def validation_step(self, batch, batch_idx):
-        self.val_positions.append(tuple(batch["position"].tolist()))
+        self.val_positions.append((batch["stream"]["epoch"], batch["stream"]["index"]))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -119,16 +120,18 @@ def test_sampler_choice_is_checked(uniform_store):
 
 
 def thick_slice_stride(spacing):
-    """A stride rule for the dotted-path test: Z is never down-sampled on thick slices."""
+    """A stride rule given as a function (Python API): Z is never down-sampled on thick slices."""
     return (1, 4, 4) if spacing[0] > 2 * min(spacing) else (4, 4, 4)
 
 
-def test_patch_mm_and_a_dotted_multiple_reach_the_stream(mixed_store):
-    data = PatchDataModule([mixed_store.url], patch_mm=11.2, patch_multiple="tests.data.test_datamodule.thick_slice_stride", intensity="none")
+def test_patch_mm_and_a_function_multiple_reach_the_stream(mixed_store):
+    data = PatchDataModule([mixed_store.url], patch_mm=11.2, patch_multiple=thick_slice_stride, intensity="none")
     data.setup("fit")
     shapes = {c.case_id: s for c, s in zip(data.train_stream.cases[0], data.train_stream.patch_shapes[0])}
     assert shapes["iso_a"] == (12, 12, 12)  # 11.2 voxels -> nearest multiple of 4
     assert shapes["aniso"] == (4, 12, 12)  # 11.2 mm / 3 mm = 3.7 slices, Z not rounded to 4s
     assert shapes["flat"] == (1, 24, 24)  # 22.4 voxels at 0.5 mm in-plane
-    with pytest.raises(ValueError, match="not an importable function"):
-        PatchDataModule([mixed_store.url], patch_multiple="tests.data.no_such_module.rule")
+    for dotted in ("tests.data.test_datamodule.thick_slice_stride", "builtins.print", "sys.exit"):  # configs name rules, never code
+        with pytest.raises(ValueError, match="is not a named rule"):
+            PatchDataModule([mixed_store.url], patch_multiple=dotted)
+    assert PatchDataModule([mixed_store.url], patch_multiple="spad").stream_args["patch_size"].multiple is total_stride

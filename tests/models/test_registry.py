@@ -231,3 +231,55 @@ def test_truncated_weights_rejected(saved_vit):
             create_model("spad_vit_test", pretrained=saved_vit)
         assert str(weights) in str(info.value)
         assert "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("in_chans", 3000000, "outside 1..64"),  # the 100-byte file that grew 5.7 GiB
+        ("in_chans", "3", "must be int, not str"),
+        ("in_chans", True, "must be int, not bool"),
+        ("patch_size", 0, "outside 1..1024"),
+        ("architecture", 5, "must be str, not int"),
+        ("modalities", ["CT", 1], r"must be list\[str\]"),
+        ("provenance", [], "must be dict"),
+    ],
+)
+def test_wrong_typed_pretrained_cfg_names_the_file(saved_vit, field, value, message):
+    cfg_file = saved_vit / CFG_FILE
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), field: value}))
+    with pytest.raises(CorruptFileError, match=message) as info:
+        load_pretrained(saved_vit)
+    assert str(cfg_file) in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_pretrained_cfg_with_huge_integer_or_deep_nesting_is_refused(tmp_path):
+    for text in ['{"architecture": "spad_vit_test", "in_chans": ' + "9" * 5000 + "}", "[" * 100000 + "]" * 100000]:
+        with pytest.raises(CorruptFileError, match="not a valid pretrained config"):
+            PretrainedCfg.from_json(text, tmp_path / CFG_FILE)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"in_chans": 3000000}, r"in_chans=3000000 is not an integer in 1\.\.64"),
+        ({"in_chans": "1"}, "in_chans='1' is not an integer"),
+        ({"embed_dim": 2.5}, "embed_dim=2.5"),
+        ({"embed_dim": 8192, "depth": 128, "num_heads": 128}, "parameters, more than the limit"),
+        ({"no_such_arg": 1}, "unexpected keyword argument 'no_such_arg'"),
+    ],
+)
+def test_create_model_checks_sizes_before_allocating(kwargs, message):
+    with pytest.raises(SpadkitError, match=message):
+        create_model("spad_vit_test", **kwargs)
+
+
+def test_parameter_cap_is_configurable(monkeypatch):
+    monkeypatch.setenv("SPADKIT_MAX_MODEL_PARAMS", "1000")
+    with pytest.raises(SpadkitError, match="SPADKIT_MAX_MODEL_PARAMS"):
+        create_model("spad_vt_test")
+    monkeypatch.setenv("SPADKIT_MAX_MODEL_PARAMS", "lots")
+    with pytest.raises(SpadkitError, match="not a positive integer"):
+        create_model("spad_vt_test")
+    monkeypatch.setenv("SPADKIT_MAX_MODEL_PARAMS", "200000")
+    assert sum(p.numel() for p in create_model("spad_vt_test").parameters()) <= 200000
