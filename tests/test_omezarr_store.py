@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,16 +104,16 @@ def test_interrupted_label_save_keeps_previous_version(store, mni_crop, monkeypa
     store.write_case("brain", mni_crop, LabelVolume(seg, mni_crop.affine))
     import spadkit.io.omezarr as omezarr
 
-    real = omezarr._write_levels
+    real = omezarr.write_levels
 
     def crash_after_arrays(*args, **kwargs):
         real(*args, **kwargs)
         raise KeyboardInterrupt  # the process dies before the metadata switch
 
-    monkeypatch.setattr(omezarr, "_write_levels", crash_after_arrays)
+    monkeypatch.setattr(omezarr, "write_levels", crash_after_arrays)
     with pytest.raises(KeyboardInterrupt):
         store.save_label("brain", LabelVolume(np.zeros_like(seg), mni_crop.affine))
-    monkeypatch.setattr(omezarr, "_write_levels", real)
+    monkeypatch.setattr(omezarr, "write_levels", real)
     reopened = OMEZarrStore(store.url)
     assert [v["version"] for v in reopened.label_versions("brain")] == [1]
     np.testing.assert_array_equal(reopened.read_label("brain").numpy(), seg)
@@ -165,6 +166,6 @@ def test_missing_store_and_foreign_group_have_clear_errors(tmp_path):
 
 def test_store_metadata_is_plain_json_on_disk(store, mni_crop):
     store.write_case("brain", mni_crop)
-    doc = json.loads((store.root.store.root / "brain" / "zarr.json").read_text())
+    doc = json.loads((Path(store.url) / "brain" / "zarr.json").read_text())
     assert doc["attributes"]["spadkit"]["complete"] is True
     assert doc["attributes"]["spadkit"]["spacing_zyx_mm"] == [1.0, 1.0, 1.0]

@@ -4,6 +4,7 @@ Layout of a store (a local folder or an fsspec URL such as ``s3://bucket/ds.zarr
 
     STORE.zarr/
       zarr.json                 root group; attrs["spadkit"]: dataset, catalog entry, fingerprint
+      .spadkit/                 lock files of local writers (ingest, label saves); not Zarr
       <case_id>/                NGFF multiscale image, axes (c, z, y, x), scale in mm
         0/ 1/ 2/                resolution levels (spacing-aware: a coarse z is not halved)
         labels/
@@ -14,7 +15,18 @@ Layout of a store (a local folder or an fsspec URL such as ``s3://bucket/ds.zarr
 Each case group carries ``attrs["spadkit"]`` with the full RAS affine, the
 original (pre-reorientation) affine, modality, intensity statistics and
 ``complete: true``, which is written *last*: a case without it was interrupted
-and is ignored by readers and redone by ``spadkit ingest``.
+and is ignored by readers and redone by ``spadkit ingest``. A case folder whose
+``zarr.json`` is missing or unreadable is *damaged*: it is left out of
+:meth:`OMEZarrStore.cases`, listed by :meth:`OMEZarrStore.damaged_cases` and
+named in a warning, and the rest of the store stays usable.
+
+Every chunk of a case is written (even all-background ones) and the case says
+so (``all_chunks_written``); reading such a case raises
+:class:`~spadkit.errors.StoreError` for a missing chunk file instead of
+returning zeros (:mod:`spadkit.io.zarrstore`).
+
+Store format 2 (this version) adds PUMIT's foreground ("body") intensity
+statistics and block-mode label pyramids; format-1 stores stay readable.
 
 Volumes are stored in canonical RAS orientation; NGFF has no orientation or
 rotation field, so ``coordinateTransformations`` hold the spacing and the
@@ -25,9 +37,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
-import math
+import json
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -35,30 +48,24 @@ import zarr
 from nibabel.orientations import aff2axcodes
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_multiscales_metadata
-from zarr.codecs import BloscCodec
 
 from spadkit.errors import StoreError
+from spadkit.io.lock import LABEL_LOCK_TIMEOUT_S, store_lock
+from spadkit.io.pyramid import chunk_shape, datasets, level_affine, pyramid_factors, write_levels
+from spadkit.io.zarrstore import LOST_CHUNK_FIX, open_store, run_sync
 from spadkit.volume import LabelVolume, Volume
 
-#: Version of spadkit's own attributes inside the store.
-STORE_FORMAT = 1
+__all__ = ["STORE_FORMAT", "OMEZarrStore", "StoreDamageWarning", "check_name", "chunk_shape", "now_iso", "pyramid_factors"]
+
+#: Version of spadkit's own attributes inside the store (2: "body" intensity statistics).
+STORE_FORMAT = 2
 NGFF = FormatV05()
+#: Lock file of ``spadkit ingest`` runs, relative to the store root.
+INGEST_LOCK = ".spadkit/ingest.lock"
+#: Stored dtype of label maps.
+LABEL_DTYPE = np.dtype(np.int32)
 
-#: Chunk edge (voxels) for the finest axis; coarser axes get proportionally fewer voxels
-#: so that a chunk spans a similar physical extent (see benchmarks/chunking.py).
-CHUNK_EDGE = 64
-#: Smallest chunk edge along any axis.
-MIN_CHUNK_EDGE = 16
-#: Fastest compressed codec for random patch reads (benchmarks/chunking.py: 64^3 lz4
-#: ~4-5 ms per 96^3 patch vs ~6 ms zstd, ~20 ms with 32^3 chunks). Sharding (one shard
-#: per level) cuts a volume's files from hundreds to one but costs ~1.5-2 ms per patch:
-#: it is opt-in (``OMEZarrStore(..., sharded=True)``) for object storage and huge collections.
-COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-#: Stop adding pyramid levels once the largest in-plane size is at most this.
-MIN_LEVEL_SIZE = 64
-MAX_LEVELS = 5
-
-_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RESERVED = {"labels", "zarr.json"}
 _AXES = [
     {"name": "c", "type": "channel"},
@@ -66,6 +73,11 @@ _AXES = [
     {"name": "y", "type": "space", "unit": "millimeter"},
     {"name": "x", "type": "space", "unit": "millimeter"},
 ]
+REPAIR_FIX = "run `spadkit check STORE` to list every damaged case, then `spadkit ingest DATASET --out STORE --repair` to redo them."
+
+
+class StoreDamageWarning(UserWarning):
+    """Some case folders of a store are unreadable; they are left out and named."""
 
 
 def now_iso() -> str:
@@ -73,113 +85,28 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def chunk_shape(spatial_shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, int, int, int]:
-    """Chunk shape ``(1, cz, cy, cx)`` for random 3D patch reads.
+def check_name(name: Any, what: str, url: str) -> None:
+    """Refuse a case id or label name that is not a safe single path component.
 
-    The finest axis gets :data:`CHUNK_EDGE` voxels; an axis ``k`` times coarser
-    gets the power of two nearest ``CHUNK_EDGE / k`` (at least
-    :data:`MIN_CHUNK_EDGE`), so a chunk covers a roughly cubic physical extent.
-    No chunk edge exceeds the array. A 2D image gets ``(1, 1, 256, 256)`` tiles.
+    Raises:
+        StoreError: empty, ``.``/``..``, a separator, or a reserved name.
     """
-    if spatial_shape[0] == 1:
-        return (1, 1, min(256, spatial_shape[1]), min(256, spatial_shape[2]))
-    finest = min(spacing)
-    edges = []
-    for size, space in zip(spatial_shape, spacing):
-        ideal = CHUNK_EDGE * finest / space
-        edge = max(MIN_CHUNK_EDGE, 2 ** round(math.log2(ideal)))
-        edges.append(int(min(edge, size)))
-    return (1, *edges)
+    if not isinstance(name, str) or not _NAME.match(name) or name in _RESERVED:
+        raise StoreError(f"invalid {what} {name!r}", path=url, fix="use letters, digits, '_', '.', '-' and start with a letter or digit.")
 
 
-def pyramid_factors(spatial_shape: Sequence[int], spacing: Sequence[float]) -> list[tuple[int, int, int]]:
-    """Per-level down-sampling factors ``(fz, fy, fx)`` relative to level 0.
-
-    Each level halves the axes that are clearly finer than the coarsest one
-    (spacing below ``coarsest / sqrt(2)``), or all axes once the grid is about
-    isotropic, so that an anisotropic 1x1x3 mm volume first becomes isotropic
-    instead of squashing its few slices. A size-1 axis is never halved.
-    """
-    factors = [(1, 1, 1)]
-    shape = np.asarray(spatial_shape, dtype=float)
-    space = np.asarray(spacing, dtype=float)
-    while len(factors) < MAX_LEVELS and shape[1:].max() > MIN_LEVEL_SIZE:
-        can = shape >= 2 * MIN_CHUNK_EDGE
-        fine = can & (space * math.sqrt(2) < space[can].max(initial=0))
-        halve = fine if fine.any() else can
-        if not halve.any():
-            break
-        shape = np.where(halve, np.floor(shape / 2), shape)
-        space = np.where(halve, space * 2, space)
-        factors.append(tuple(int(f * (2 if h else 1)) for f, h in zip(factors[-1], halve)))
-    return factors
-
-
-def _downsample(array: np.ndarray, factor: Sequence[int], *, label: bool) -> np.ndarray:
-    """Down-sample ``(C, Z, Y, X)`` by integer ``factor`` (Z, Y, X).
-
-    Trailing voxels that do not fill a block are dropped; images take the block
-    mean, labels the block's first voxel (nearest neighbour, no new values).
-    """
-    fz, fy, fx = factor
-    c, z, y, x = array.shape
-    cropped = array[:, : z // fz * fz, : y // fy * fy, : x // fx * fx]
-    if label:
-        return cropped[:, ::fz, ::fy, ::fx]
-    blocks = cropped.reshape(c, z // fz, fz, y // fy, fy, x // fx, fx)
-    mean = blocks.mean(axis=(2, 4, 6), dtype=np.float32)
-    return mean.astype(array.dtype) if np.issubdtype(array.dtype, np.floating) else np.rint(mean).astype(array.dtype)
-
-
-def _datasets(prefix: str, factors: Sequence[Sequence[int]], spacing: Sequence[float], origin_zyx: Sequence[float]) -> list[dict]:
-    """NGFF ``datasets`` entries: scale in mm and the world position of each level's first voxel centre."""
-    out = []
-    for level, factor in enumerate(factors):
-        scale = [float(s * f) for s, f in zip(spacing, factor)]
-        shift = [float(o + (f - 1) * s / 2) for o, f, s in zip(origin_zyx, factor, spacing)]
-        out.append(
-            {
-                "path": f"{prefix}{level}",
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, *scale]},
-                    {"type": "translation", "translation": [0.0, *shift]},
-                ],
-            }
-        )
-    return out
-
-
-def _write_levels(
-    group: zarr.Group,
-    prefix: str,
-    data: np.ndarray,
-    factors: Sequence[Sequence[int]],
-    spacing: Sequence[float],
-    *,
-    label: bool,
-    sharded: bool,
-) -> None:
-    """Write ``data`` ``(C, Z, Y, X)`` and its down-sampled levels as arrays ``{prefix}{level}``."""
-    chunks = chunk_shape(data.shape[1:], spacing)
-    for level, factor in enumerate(factors):
-        level_data = data if level == 0 else _downsample(data, factor, label=label)
-        level_chunks = tuple(min(c, s) for c, s in zip(chunks, level_data.shape))
-        shards = tuple(math.ceil(s / c) * c for s, c in zip(level_data.shape, level_chunks)) if sharded else None
-        array = group.create_array(
-            f"{prefix}{level}",
-            shape=level_data.shape,
-            dtype=level_data.dtype,
-            chunks=level_chunks,
-            shards=shards,
-            compressors=[COMPRESSOR],
-            dimension_names=("c", "z", "y", "x"),
-            fill_value=0,
-            overwrite=True,
-            # Every chunk is written, even all-fill ones: a chunk file missing later
-            # then means the store lost data (readers check), not "all background".
-            config={"write_empty_chunks": True},
-        )
-        array[...] = level_data
+def _case_status(raw: bytes | None) -> dict[str, Any] | str:
+    """A case's spadkit attributes from its ``zarr.json`` bytes, or why they cannot be read."""
+    if raw is None:
+        return "its zarr.json is missing"
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"its zarr.json is not valid JSON ({err})"
+    if not isinstance(doc, dict) or doc.get("node_type") != "group":
+        return "its zarr.json does not describe a Zarr group"
+    attrs = (doc.get("attributes") or {}).get("spadkit", {})
+    return attrs if isinstance(attrs, dict) else "its spadkit attributes are not a JSON object"
 
 
 class OMEZarrStore:
@@ -191,16 +118,28 @@ class OMEZarrStore:
         storage_options: passed to fsspec for remote URLs.
         sharded: when creating the store, pack each array level into one shard file
             (fewer files, slightly slower patch reads); recorded in the store.
+
+    Raises:
+        StoreError: no store at ``url``, an unreadable root ``zarr.json``, a group not
+            written by spadkit, or a store format newer than this spadkit.
     """
 
     def __init__(self, url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None, *, sharded: bool = False):
         self.url = str(url)
         self.mode = mode
-        self._storage_options = dict(storage_options or {})
+        self._store = open_store(self.url, mode, storage_options)
+        self._warned_damage = False
         try:
-            self.root = zarr.open_group(self.url, mode=mode, storage_options=self._storage_options or None, zarr_format=3)
+            self.root = zarr.open_group(store=self._store, mode=mode, zarr_format=3)
         except FileNotFoundError:
-            raise StoreError("no OME-Zarr store here", path=self.url, fix="create it with `spadkit ingest ... --out STORE.zarr`.") from None
+            raise StoreError("no OME-Zarr store here", path=self.url, fix="create it with `spadkit ingest DATASET --out STORE.zarr`.") from None
+        except (ValueError, TypeError) as err:  # JSONDecodeError, or valid JSON that is no Zarr metadata
+            raise StoreError(
+                f"the store's root metadata cannot be read ({type(err).__name__}: {err})",
+                path=f"{self.url.rstrip('/')}/zarr.json",
+                fix="restore zarr.json from a copy of the store; or move it away and run `spadkit ingest DATASET --out STORE` "
+                "again, which writes a new one and keeps the complete cases.",
+            ) from None
         if mode != "r" and "spadkit" not in self.root.attrs:
             self.root.attrs["spadkit"] = {"store_format": STORE_FORMAT, "created": now_iso(), "sharded": sharded}
         info = self.root.attrs.get("spadkit")
@@ -219,37 +158,69 @@ class OMEZarrStore:
     def sharded(self) -> bool:
         return bool(self.root.attrs["spadkit"].get("sharded", False))
 
+    @property
+    def is_local(self) -> bool:
+        """True for a store on a local (or network-mounted) file system: writers are locked."""
+        return self._store.local
+
     def update_info(self, **values: Any) -> None:
         self.root.attrs["spadkit"] = {**self.info, **values}
 
+    def scan(self) -> dict[str, dict[str, Any] | str]:
+        """Every case folder: its spadkit attributes, or (a string) why they cannot be read."""
+        names = [n for n in self._store.children("") if n != "zarr.json" and not n.startswith(".")]
+        docs = self._store.get_many([f"{name}/zarr.json" for name in names])
+        return {name: _case_status(raw) for name, raw in zip(names, docs)}
+
     def cases(self) -> list[str]:
-        """Ids of the complete cases, sorted."""
-        return sorted(name for name, group in self.root.groups() if self._is_complete(group))
+        """Ids of the complete cases, sorted; damaged case folders are named in a :class:`StoreDamageWarning`."""
+        status = self.scan()
+        damaged = {name: reason for name, reason in status.items() if isinstance(reason, str)}
+        if damaged and not self._warned_damage:
+            self._warned_damage = True
+            listing = "; ".join(f"{name}: {reason}" for name, reason in sorted(damaged.items()))
+            warnings.warn(f"{self.url}: {len(damaged)} damaged case(s) left out ({listing}). Fix: {REPAIR_FIX}", StoreDamageWarning, stacklevel=2)
+        return sorted(name for name, attrs in status.items() if isinstance(attrs, dict) and attrs.get("complete"))
 
     def incomplete_cases(self) -> list[str]:
-        """Ids of case groups an interrupted write left behind."""
-        return sorted(name for name, group in self.root.groups() if not self._is_complete(group))
+        """Ids of case groups an interrupted write left behind (no completion marker)."""
+        return sorted(name for name, attrs in self.scan().items() if isinstance(attrs, dict) and not attrs.get("complete"))
+
+    def damaged_cases(self) -> dict[str, str]:
+        """Case folders whose ``zarr.json`` is missing or unreadable: ``{case_id: reason}``."""
+        return {name: reason for name, reason in sorted(self.scan().items()) if isinstance(reason, str)}
+
+    def _status(self, case_id: str) -> dict[str, Any] | str | None:
+        """One case's attributes, the reason it is damaged, or None if there is no such folder."""
+        [raw] = self._store.get_many([f"{case_id}/zarr.json"])
+        if raw is None and not self._store.children(case_id):
+            return None
+        return _case_status(raw)
 
     def __contains__(self, case_id: str) -> bool:
-        return case_id in self.root and self._is_complete(self.root[case_id])
+        status = self._status(case_id) if _NAME.match(case_id) else None
+        return isinstance(status, dict) and bool(status.get("complete"))
 
     def __len__(self) -> int:
         return len(self.cases())
 
-    @staticmethod
-    def _is_complete(group: zarr.Group) -> bool:
-        return bool(group.attrs.get("spadkit", {}).get("complete"))
-
     # ------------------------------------------------------------------ cases
     def _case(self, case_id: str) -> zarr.Group:
-        if case_id not in self:
+        check_name(case_id, "case id", self.url)
+        status = self._status(case_id)
+        if isinstance(status, str):
+            raise StoreError(f"case {case_id} is damaged: {status}", path=f"{self.url.rstrip('/')}/{case_id}", fix=REPAIR_FIX)
+        if not status or not status.get("complete"):
             raise StoreError(f"no complete case {case_id!r}", path=self.url, fix=f"available: {', '.join(self.cases()[:10]) or 'none'}.")
+        if status.get("all_chunks_written"):
+            self._store.strict.add(case_id)
         return self.root[case_id]
 
     def remove_case(self, case_id: str) -> None:
-        """Delete a case (used to clear an interrupted write before redoing it)."""
-        if case_id in self.root:
-            del self.root[case_id]
+        """Delete a case folder, whatever state it is in (used before redoing a case)."""
+        check_name(case_id, "case id", self.url)
+        self._store.strict.discard(case_id)
+        run_sync(self._store.delete_dir(case_id))
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         return dict(self._case(case_id).attrs["spadkit"])
@@ -265,6 +236,9 @@ class OMEZarrStore:
     ) -> None:
         """Write one case: the image pyramid, the label (as version 1) and, last, the completion marker.
 
+        Any earlier folder of the case is removed first. ``image.meta["spacing_assumed"]``
+        is recorded as the case attribute ``spacing_assumed``.
+
         Args:
             case_id: letters, digits, ``_ . -``; not ``labels``.
             image: the image, already in the orientation to store (ingest passes RAS).
@@ -272,19 +246,17 @@ class OMEZarrStore:
             attrs: extra case attributes (intensity statistics, source files, ...).
             author: recorded with the label version (default: the OS user).
         """
-        if not _CASE_ID.match(case_id) or case_id in _RESERVED:
-            raise StoreError(f"invalid case id {case_id!r}", path=self.url, fix="use letters, digits, '_', '.', '-' and start with a letter or digit.")
+        check_name(case_id, "case id", self.url)
         if label is not None:
             label.check_matches(image)
         self.remove_case(case_id)
         group = self.root.create_group(case_id)
         data = image.numpy()
         factors = pyramid_factors(image.spatial_shape, image.spacing)
-        _write_levels(group, "", data, factors, image.spacing, label=False, sharded=self.sharded)
-        origin_zyx = image.origin[::-1]
-        write_multiscales_metadata(group, _datasets("", factors, image.spacing, origin_zyx), fmt=NGFF, axes=_AXES, name=case_id)
+        write_levels(group, "", data, factors, image.spacing, dtype=data.dtype, label=False, sharded=self.sharded)
+        write_multiscales_metadata(group, datasets("", factors, image.spacing, image.origin[::-1]), fmt=NGFF, axes=_AXES, name=case_id)
         if label is not None:
-            self._write_label_version(group, "seg", label, author=author, message="ingested", factors=factors)
+            self._write_label_version(case_id, group, "seg", label, author=author, message="ingested", factors=factors)
         original_affine = np.asarray(image.meta.get("original_affine", image.affine))
         group.attrs["spadkit"] = {
             **dict(attrs or {}),
@@ -293,25 +265,39 @@ class OMEZarrStore:
             "original_orientation": "".join(aff2axcodes(original_affine)),
             "modality": image.modality,
             "spacing_zyx_mm": list(image.spacing),
+            "spacing_assumed": bool(image.meta.get("spacing_assumed", False)),
             "shape_czyx": list(image.shape),
             "pyramid_factors_zyx": [list(f) for f in factors],
             "all_chunks_written": True,
+            "case_format": STORE_FORMAT,
             "written": now_iso(),
             "complete": True,
         }
+        if int(self.info.get("store_format", 0)) < STORE_FORMAT:
+            self.update_info(store_format=STORE_FORMAT)
 
     def read_image(self, case_id: str, level: int = 0) -> Volume:
-        """The case's image at a pyramid level as a lazy :class:`Volume` (Zarr-backed)."""
+        """The case's image at a pyramid level as a lazy :class:`Volume` (Zarr-backed).
+
+        Raises:
+            StoreError: no such complete case or level, a damaged case, or (on reading
+                voxels) a chunk file that was written and is gone.
+        """
         group = self._case(case_id)
         attrs = group.attrs["spadkit"]
-        array = self._level_array(group, "", level, len(attrs["pyramid_factors_zyx"]))
-        affine = _level_affine(np.asarray(attrs["affine"]), attrs["pyramid_factors_zyx"][level])
-        return Volume(array, affine, modality=attrs.get("modality"), meta={"source": f"{self.url}/{case_id}", "case_id": case_id, "format": "ome-zarr"})
+        array = self._level_array(group, "", level, len(attrs["pyramid_factors_zyx"]), f"case {case_id} is marked complete but its image")
+        affine = level_affine(np.asarray(attrs["affine"]), attrs["pyramid_factors_zyx"][level])
+        meta = {"source": f"{self.url}/{case_id}", "case_id": case_id, "format": "ome-zarr", "spacing_assumed": bool(attrs.get("spacing_assumed", False))}
+        return Volume(array, affine, modality=attrs.get("modality"), meta=meta)
 
-    def _level_array(self, group: zarr.Group, prefix: str, level: int, num_levels: int) -> zarr.Array:
+    def _level_array(self, group: zarr.Group, prefix: str, level: int, num_levels: int, what: str) -> zarr.Array:
+        where = f"{self.url.rstrip('/')}/{group.path}"
         if not 0 <= level < num_levels:
-            raise StoreError(f"level {level} out of range 0..{num_levels - 1}", path=f"{self.url}/{group.path}", fix="pick an existing pyramid level.")
-        return group[f"{prefix}{level}"]
+            raise StoreError(f"level {level} out of range 0..{num_levels - 1}", path=where, fix="pick an existing pyramid level.")
+        try:
+            return group[f"{prefix}{level}"]
+        except (KeyError, FileNotFoundError):
+            raise StoreError(f"{what} level {level} is missing", path=where, fix=LOST_CHUNK_FIX) from None
 
     # ------------------------------------------------------------------ labels and versions
     def label_names(self, case_id: str) -> list[str]:
@@ -332,8 +318,9 @@ class OMEZarrStore:
         if chosen is None:
             raise StoreError(f"label {name!r} of {case_id} has no version {version}", path=self.url, fix=f"versions: {[v['version'] for v in versions]}.")
         attrs = self.case_attrs(case_id)
-        array = self._level_array(group, f"{chosen['path']}/", level, len(attrs["pyramid_factors_zyx"]))
-        affine = _level_affine(np.asarray(attrs["affine"]), attrs["pyramid_factors_zyx"][level])
+        what = f"case {case_id} is marked complete but its label {name!r} version {chosen['version']}"
+        array = self._level_array(group, f"{chosen['path']}/", level, len(attrs["pyramid_factors_zyx"]), what)
+        affine = level_affine(np.asarray(attrs["affine"]), attrs["pyramid_factors_zyx"][level])
         classes = {int(k): v for k, v in group.attrs["spadkit"].get("classes", {}).items()}
         meta = {"source": f"{self.url}/{case_id}/labels/{name}", "case_id": case_id, "version": chosen["version"]}
         return LabelVolume(array, affine, classes=classes, meta=meta)
@@ -341,14 +328,21 @@ class OMEZarrStore:
     def save_label(self, case_id: str, label: LabelVolume, name: str = "seg", *, author: str | None = None, message: str = "") -> int:
         """Save ``label`` as a new version (it becomes the default); return its number.
 
-        The arrays are written under a new version folder first; the label's
-        metadata, which points readers at the latest version, is replaced in a
-        single write afterwards, so an interruption leaves the previous version
-        in place and the store consistent.
+        Saves of one label map are serialised by a lock file (local stores), so two
+        processes saving at once get two versions. The arrays are written under a new
+        version folder first; the label's metadata, which points readers at the
+        latest version, is replaced in a single atomic write afterwards, so an
+        interruption leaves the previous version in place and the store consistent.
+
+        Raises:
+            StoreError: an invalid ``name``, or the lock is still held after
+                :data:`~spadkit.io.lock.LABEL_LOCK_TIMEOUT_S` seconds.
+            GeometryMismatchError: the label is not on the image's grid.
         """
+        check_name(name, "label name", self.url)
         group = self._case(case_id)
         label.check_matches(self.read_image(case_id))
-        return self._write_label_version(group, name, label, author=author, message=message)
+        return self._write_label_version(case_id, group, name, label, author=author, message=message)
 
     def _label_group(self, case_id: str, name: str) -> zarr.Group:
         group = self._case(case_id)
@@ -358,53 +352,44 @@ class OMEZarrStore:
 
     def _write_label_version(
         self,
+        case_id: str,
         case_group: zarr.Group,
         name: str,
         label: LabelVolume,
         *,
         author: str | None,
         message: str,
-        factors: Sequence[Sequence[int]] | None = None,
+        factors: Any = None,
     ) -> int:
-        labels = case_group.require_group("labels")
-        existing = list(labels.attrs.get("ome", {}).get("labels", []))
-        if name not in existing:
-            labels.attrs["ome"] = {"version": NGFF.version, "labels": [*existing, name]}
-        group = labels.require_group(name)
-        previous = dict(group.attrs.get("spadkit", {}))
-        versions = list(previous.get("versions", []))
-        classes = label.classes or {int(k): v for k, v in previous.get("classes", {}).items()}  # an edit keeps the names
-        number = versions[-1]["version"] + 1 if versions else 1
-        prefix = f"v{number:04d}/"
-        if prefix[:-1] in group:  # left by an interrupted save: never referenced, safe to replace
-            del group[prefix[:-1]]
+        check_name(name, "label name", self.url)
         if factors is None:
             factors = case_group.attrs["spadkit"]["pyramid_factors_zyx"]
-        _write_levels(group, prefix, label.numpy().astype(np.int32, copy=False), factors, label.spacing, label=True, sharded=self.sharded)
-        entry = {"version": number, "path": prefix[:-1], "time": now_iso(), "author": author or getpass.getuser(), "message": message}
-        multiscale = {
-            "name": name,
-            "axes": _AXES,
-            "datasets": _datasets(prefix, factors, label.spacing, label.origin[::-1]),
-        }
-        properties = [{"label-value": k, "name": v} for k, v in sorted(classes.items())]
-        group.attrs.put(
-            {
-                "ome": {
-                    "version": NGFF.version,
-                    "multiscales": [multiscale],
-                    "image-label": {"version": NGFF.version, "source": {"image": "../../"}, **({"properties": properties} if properties else {})},
-                },
-                "spadkit": {"versions": [*versions, entry], "classes": {str(k): v for k, v in classes.items()}},
-            }
-        )
+        lock = f".spadkit/labels/{case_id}/{name}.lock"
+        with store_lock(self.url, lock, f"label save of {case_id}/{name}", timeout_s=LABEL_LOCK_TIMEOUT_S):
+            labels = case_group.require_group("labels")  # read afresh under the lock
+            existing = list(labels.attrs.get("ome", {}).get("labels", []))
+            if name not in existing:
+                labels.attrs["ome"] = {"version": NGFF.version, "labels": [*existing, name]}
+            group = labels.require_group(name)
+            previous = dict(group.attrs.get("spadkit", {}))
+            versions = list(previous.get("versions", []))
+            classes = label.classes or {int(k): v for k, v in previous.get("classes", {}).items()}  # an edit keeps the names
+            number = versions[-1]["version"] + 1 if versions else 1
+            prefix = f"v{number:04d}/"
+            if prefix[:-1] in group:  # left by an interrupted save: never referenced, and we hold the lock
+                del group[prefix[:-1]]
+            write_levels(group, prefix, label.numpy(), factors, label.spacing, dtype=LABEL_DTYPE, label=True, sharded=self.sharded)
+            entry = {"version": number, "path": prefix[:-1], "time": now_iso(), "author": author or getpass.getuser(), "message": message}
+            multiscale = {"name": name, "axes": _AXES, "datasets": datasets(prefix, factors, label.spacing, label.origin[::-1])}
+            properties = [{"label-value": k, "name": v} for k, v in sorted(classes.items())]
+            group.attrs.put(
+                {
+                    "ome": {
+                        "version": NGFF.version,
+                        "multiscales": [multiscale],
+                        "image-label": {"version": NGFF.version, "source": {"image": "../../"}, **({"properties": properties} if properties else {})},
+                    },
+                    "spadkit": {"versions": [*versions, entry], "classes": {str(k): v for k, v in classes.items()}},
+                }
+            )
         return number
-
-
-def _level_affine(affine0: np.ndarray, factor_zyx: Sequence[int]) -> np.ndarray:
-    """Affine of a pyramid level down-sampled by ``factor_zyx`` (its voxels are block centres)."""
-    factor_xyz = np.asarray(factor_zyx[::-1], dtype=float)
-    affine = affine0.copy()
-    affine[:3, :3] = affine0[:3, :3] * factor_xyz
-    affine[:3, 3] = affine0[:3, :3] @ ((factor_xyz - 1) / 2) + affine0[:3, 3]
-    return affine

@@ -1,0 +1,99 @@
+"""Peak memory of ``spadkit ingest`` per case, measured in a fresh process.
+
+A synthetic CT-like volume (default 300 x 512 x 512 int16, 150 MiB of voxels:
+a body-shaped ellipse of soft tissue and bone inside air, padded with -3024
+outside a circular field of view) is written as uncompressed NIfTI, once per
+case. Each measurement runs ``spadkit.ingest.ingest`` in a child process and
+reads that child's peak resident set size (``ru_maxrss``), minus the RSS of
+the same child after its imports, so the number is what ingest itself adds.
+
+Usage::
+
+    python benchmarks/ingest_memory.py --cases 1 --workers 1
+    python benchmarks/ingest_memory.py --cases 2 --workers 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def ct_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A (Z, Y, X) int16 CT-like volume: air, an elliptic body with bone, -3024 outside the FOV."""
+    _, y, x = shape
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:y, :x]
+    cy, cx = (y - 1) / 2, (x - 1) / 2
+    body = ((yy - cy) / (0.35 * y)) ** 2 + ((xx - cx) / (0.45 * x)) ** 2 <= 1
+    bone = ((yy - cy) / (0.06 * y)) ** 2 + ((xx - cx) / (0.06 * x)) ** 2 <= 1
+    fov = (yy - cy) ** 2 + (xx - cx) ** 2 <= (0.5 * min(x, y)) ** 2
+    plane = np.where(fov, -1000, -3024).astype(np.int16)
+    plane[body] = 40
+    plane[bone] = 700
+    volume = np.broadcast_to(plane, shape).copy()
+    volume += rng.integers(-20, 21, size=shape, dtype=np.int16)
+    return volume
+
+
+def _child(dataset: str, store: str, workers: int, queue: mp.Queue) -> None:
+    import spadkit.ingest as ingest_module  # imports first: the baseline excludes them
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    report = ingest_module.ingest(dataset, store, num_workers=workers, progress=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"ok": report.ok, "summary": report.summary(), "baseline_kib": base, "peak_kib": peak, "seconds": seconds})
+
+
+def measure(shape: tuple[int, int, int], cases: int, workers: int) -> dict:
+    """Ingest ``cases`` synthetic volumes with ``workers`` threads; return peak memory numbers."""
+    import nibabel as nib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ds"
+        folder.mkdir()
+        for i in range(cases):
+            data = ct_like(shape, seed=i).transpose(2, 1, 0)  # nibabel order (x, y, z)
+            nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 1.5, 1.0])), folder / f"ct{i}.nii")
+        queue: mp.Queue = mp.get_context("spawn").Queue()
+        process = mp.get_context("spawn").Process(target=_child, args=(str(folder), str(Path(tmp) / "s.zarr"), workers, queue))
+        process.start()
+        result = queue.get()
+        process.join()
+    voxel_bytes = int(np.prod(shape)) * 2
+    added = (result["peak_kib"] - result["baseline_kib"]) * 1024
+    return {
+        **result,
+        "shape_zyx": list(shape),
+        "cases": cases,
+        "workers": workers,
+        "voxel_mib_per_case": voxel_bytes / 2**20,
+        "added_peak_mib": added / 2**20,
+        "added_peak_over_voxel_bytes_per_case": added / voxel_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512), metavar=("Z", "Y", "X"))
+    parser.add_argument("--cases", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the result here")
+    args = parser.parse_args()
+    result = measure(tuple(args.shape), args.cases, args.workers)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

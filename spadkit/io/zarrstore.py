@@ -1,0 +1,122 @@
+"""The Zarr store under an :class:`~spadkit.io.omezarr.OMEZarrStore`: lost chunks are errors.
+
+Zarr reads an absent chunk as its fill value, which is right for sparse
+arrays but turns lost data (a deleted or never-copied chunk file) into zeros.
+spadkit writes every chunk of its arrays (``write_empty_chunks``) and records
+``all_chunks_written`` in the case attributes; for such cases
+:class:`CheckedStore` raises :class:`~spadkit.errors.StoreError` naming the
+chunk instead. The check costs nothing extra: Zarr already asked the store
+for the chunk and got "absent" back. Every read path (``read_image``,
+``read_label``, ``spadkit info``, the patch stream) goes through it.
+
+This is also the one place where spadkit runs a store coroutine synchronously
+(:func:`run_sync`, for listing a store's children and checking keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
+
+from spadkit.atomic import atomic_path
+from spadkit.errors import StoreError
+
+T = TypeVar("T")
+
+LOST_CHUNK_FIX = "the store lost data (e.g. an interrupted copy): copy it again, or re-ingest the case with `spadkit ingest DATASET --out STORE --repair`."
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a store coroutine on Zarr's I/O event loop and return its result."""
+    return sync(coro)
+
+
+def is_chunk_key(key: str) -> bool:
+    """True for the key of a chunk or shard (``.../c/0/1/2/3``), False for metadata."""
+    return "/c/" in key and not key.endswith("zarr.json")
+
+
+class CheckedStore(WrapperStore):
+    """A store whose absent chunks are errors for the case ids in ``strict``.
+
+    Args:
+        store: the wrapped Zarr store.
+        url: the store's URL, for messages.
+        strict: case ids (top-level group names) whose arrays have every chunk written;
+            shared by every copy :meth:`with_read_only` makes.
+    """
+
+    def __init__(self, store: Any, url: str = "", strict: set[str] | None = None, *, local: bool = False):
+        super().__init__(store)
+        self.url = url
+        self.strict: set[str] = set() if strict is None else strict
+        self.local = local
+
+    def _with_store(self, store: Any) -> CheckedStore:
+        return type(self)(store, self.url, self.strict, local=self.local)
+
+    async def set(self, key: str, value: Buffer) -> None:
+        """Write ``key``; on a local disk a metadata document is replaced atomically (temp file + rename),
+        so a reader never sees half of a ``zarr.json``."""
+        if not (self.local and key.endswith("zarr.json")):
+            await self._store.set(key, value)
+            return
+        self._check_writable()
+        await asyncio.to_thread(_replace_file, Path(self._store.root) / key, value.to_bytes())
+
+    def _check(self, key: str, value: Buffer | None) -> Buffer | None:
+        if value is None and is_chunk_key(key) and key.split("/", 1)[0] in self.strict:
+            array, chunk = key.split("/c/", 1)
+            raise StoreError(f"chunk file c/{chunk} is missing", path=f"{self.url.rstrip('/')}/{array}", fix=LOST_CHUNK_FIX)
+        return value
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        return self._check(key, await self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        return [self._check(key, value) for (key, _), value in zip(key_ranges, values)]
+
+    def children(self, prefix: str = "") -> list[str]:
+        """Names directly under ``prefix`` (groups, arrays and plain files), sorted."""
+
+        async def collect() -> list[str]:
+            return [name async for name in self._store.list_dir(prefix)]
+
+        return sorted(run_sync(collect()))
+
+    def exists_key(self, key: str) -> bool:
+        """True if the store holds ``key`` (a chunk or metadata document)."""
+        return bool(run_sync(self._store.exists(key)))
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The bytes stored at ``keys`` (None where absent), fetched concurrently."""
+
+        async def fetch() -> list[Buffer | None]:
+            prototype = default_buffer_prototype()
+            return await asyncio.gather(*(self._store.get(key, prototype) for key in keys))
+
+        return [None if value is None else value.to_bytes() for value in run_sync(fetch())]
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def open_store(url: str, mode: str, storage_options: Mapping[str, Any] | None = None) -> CheckedStore:
+    """A :class:`CheckedStore` over a local folder or an fsspec URL (``s3://...``), read-only for ``mode="r"``."""
+    read_only = mode == "r"
+    if "://" in url and not url.startswith("file://"):
+        base: Any = FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+    else:
+        base = LocalStore(url.removeprefix("file://"), read_only=read_only)
+    return CheckedStore(base, url, local=isinstance(base, LocalStore))
