@@ -15,6 +15,12 @@ Conventions (used everywhere in spadkit):
 
 The array may be a NumPy array, a Dask array or a Zarr array; nothing is read
 from disk until :meth:`Volume.numpy` (or a slice of ``array``) asks for it.
+
+Interop: MONAI indexes an affine in *array* order (``MetaTensor`` of shape
+``(C, Z, Y, X)`` wants the column of array axis 1 first), TorchIO in NIfTI order
+with a ``(C, X, Y, Z)`` tensor. :func:`array_order_affine` converts between
+spadkit's affine and MONAI's; :meth:`Volume.to_metatensor` and
+:meth:`Volume.to_torchio` build those objects directly.
 """
 
 from __future__ import annotations
@@ -67,6 +73,24 @@ def validate_affine(affine: np.ndarray, source: str | None = None) -> np.ndarray
             "set the true spacing (e.g. with nibabel: img.header.set_zooms) before loading.",
         )
     return affine
+
+
+def array_order_affine(affine: Any) -> Any:
+    """Convert an affine between spadkit's voxel order ``(x, y, z)`` and array order ``(Z, Y, X)``.
+
+    spadkit's affine (as nibabel's) multiplies ``(x, y, z, 1)``, the array's
+    spatial axes reversed. MONAI's ``MetaTensor`` and its ``Spacing`` /
+    ``Orientation`` transforms expect the affine of the array as indexed,
+    ``(Z, Y, X, 1)`` for a ``(C, Z, Y, X)`` tensor: the first three columns are
+    reversed. The conversion is its own inverse.
+
+    Args:
+        affine: NumPy array or torch tensor of shape ``(4, 4)`` or a batch ``(..., 4, 4)``.
+
+    Returns:
+        The same type and shape, with columns ``(2, 1, 0, 3)``; world coordinates stay RAS mm.
+    """
+    return affine[..., [2, 1, 0, 3]]
 
 
 def affine_from_spacing(
@@ -252,6 +276,35 @@ class Volume:
     def canonical(self) -> Volume:
         """Reoriented to RAS (spadkit's storage orientation)."""
         return self.reoriented(CANONICAL_AXCODES)
+
+    # ------------------------------------------------------------------ interop
+    def to_metatensor(self) -> Any:
+        """This volume as a MONAI ``MetaTensor`` ``(C, Z, Y, X)`` with its affine in array order.
+
+        The voxels are read into memory. ``pixdim`` is then ``spacing`` ``(Z, Y, X)``,
+        and MONAI's ``Spacing``/``Orientation`` transforms place the voxels as spadkit
+        does (world RAS mm). Requires ``monai`` (the ``bench`` extra).
+        """
+        import torch
+        from monai.data import MetaTensor
+
+        meta = {"filename_or_obj": self.source or "", "space": "RAS", "modality": self.modality}
+        affine = torch.as_tensor(array_order_affine(self.affine), dtype=torch.float64)
+        return MetaTensor(torch.from_numpy(np.ascontiguousarray(self.numpy())), affine=affine, meta=meta)
+
+    def to_torchio(self, label: bool = False) -> Any:
+        """This volume as a TorchIO ``ScalarImage`` (``LabelMap`` with ``label=True``).
+
+        TorchIO keeps NIfTI's order: the tensor is ``(C, X, Y, Z)`` (a transposed
+        view of the voxels, read into memory) and the affine is spadkit's, unchanged.
+        Requires ``torchio`` (the ``bench`` extra).
+        """
+        import torch
+        import torchio
+
+        kind = torchio.LabelMap if label else torchio.ScalarImage
+        tensor = torch.from_numpy(np.ascontiguousarray(self.numpy().transpose(0, 3, 2, 1)))
+        return kind(tensor=tensor, affine=self.affine.copy())
 
     # ------------------------------------------------------------------ display
     def _summary(self) -> dict[str, str]:

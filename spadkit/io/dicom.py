@@ -4,11 +4,27 @@ Slices are sorted by their position along the slice normal, spacing comes from
 ``PixelSpacing`` and the distance between slice positions, and stored values
 are mapped to real units (HU for CT) with ``RescaleSlope``/``RescaleIntercept``.
 DICOM's patient space is LPS+; the affine is converted to spadkit's RAS+.
+
+Images without patient geometry (projection radiographs: no
+``ImageOrientationPatient``) follow the convention of PNG/JPEG images
+(:mod:`spadkit.io.image2d`): pixels as displayed, on an axis-aligned RAS grid,
+so :meth:`Volume.canonical` does not move them. When ``PatientOrientation``
+(0020,0020) is given, the pixels are first flipped (or transposed) into the
+radiological display orientation: feet at the bottom, the patient's left on the
+right of the image for frontal views (``L\\F``), posterior on the right for
+lateral views (``P\\F``).
+
+``MONOCHROME1`` pixels (white = low) are inverted to ``MONOCHROME2`` on read,
+as SimpleITK/GDCM do (stored value ``v`` -> ``2**BitsStored - 1 - v``, or
+``-1 - v`` when signed), and recorded as ``meta["monochrome1_inverted"]``.
+Native pixel data longer than ``Rows x Columns x frames x samples`` are
+refused as inconsistent rather than guessed at.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +36,8 @@ from pydicom.errors import InvalidDicomError
 
 from spadkit.errors import CorruptFileError, InvalidImageError
 from spadkit.io._guard import TRUNCATED_FIX, reading
-from spadkit.volume import Volume
+from spadkit.io.budget import check_decoded_size
+from spadkit.volume import Volume, affine_from_spacing
 
 #: LPS (DICOM) <-> RAS (spadkit) world coordinates.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -29,6 +46,9 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SLICE_GAP_TOLERANCE = 0.05
 
 _MODALITY_ALIASES = {"CR": "XR", "DX": "XR", "PET": "PT"}
+
+#: PatientOrientation letter -> (display axis: 0 = left to right, 1 = top to bottom; +1 if it already points the display way).
+_DISPLAY_AXIS = {"L": (0, 1), "P": (0, 1), "R": (0, -1), "A": (0, -1), "F": (1, 1), "H": (1, -1)}
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -122,6 +142,8 @@ def _read_series(headers: list[tuple[Path, Dataset]], folder: Path) -> Volume:
             path=folder,
             fix="check that the series is complete; irregular series must be resampled before use.",
         )
+    rows, cols = int(first.get("Rows", 0)), int(first.get("Columns", 0))
+    check_decoded_size((int(first.get("SamplesPerPixel", 1)), len(ordered), rows, cols), _output_dtype(first), folder)
     slices = [_pixels(file, _with_pixels(file)) for file, _ in ordered]
     shapes = {s.shape for s in slices}
     if len(shapes) != 1:
@@ -129,7 +151,8 @@ def _read_series(headers: list[tuple[Path, Dataset]], folder: Path) -> Volume:
     array = np.concatenate(slices, axis=1)  # each slice is (C, 1, Y, X)
     step = (positions[ordered[-1][0]] - positions[ordered[0][0]]) / (len(ordered) - 1)
     affine = _affine(first, row_dir, col_dir, step, positions[ordered[0][0]])
-    return Volume(array, affine, modality=_modality(first), meta=_meta(first, folder, len(ordered)))
+    meta = _meta(first, folder, len(ordered)) | {"sources": [str(f) for f, _ in ordered]}
+    return Volume(array, affine, modality=_modality(first), meta=meta)
 
 
 # --------------------------------------------------------------------------- single files
@@ -142,10 +165,9 @@ def _read_single_file(path: Path) -> Volume:
     spacing_yx = _pixel_spacing(header)
     shared = _functional_group(header, "SharedFunctionalGroupsSequence")
     per_frame = header.get("PerFrameFunctionalGroupsSequence")
-    if "ImageOrientationPatient" in header or (shared is not None and "PlaneOrientationSequence" in shared):
-        row_dir, col_dir = _orientation_vectors(header, path)
-    else:  # projection radiographs carry no patient orientation: use the image axes
-        row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    if "ImageOrientationPatient" not in header and (shared is None or "PlaneOrientationSequence" not in shared):
+        return _read_without_geometry(path, header, pixels, spacing_yx)
+    row_dir, col_dir = _orientation_vectors(header, path)
     normal = np.cross(row_dir, col_dir)
     positions = _frame_positions(header, per_frame, frames)
     offsets = header.get("GridFrameOffsetVector")  # RT dose: frame depths relative to the first
@@ -156,11 +178,44 @@ def _read_single_file(path: Path) -> Volume:
         step = normal * (float(offsets[-1]) - float(offsets[0])) / (frames - 1)
         origin = positions[0] if positions is not None else np.zeros(3)
     else:
-        thickness = float(header.get("SpacingBetweenSlices") or header.get("SliceThickness") or 1.0)
-        step = normal * thickness
+        step = normal * _slice_thickness(header)
         origin = positions[0] if positions is not None else np.zeros(3)
     affine = _affine(header, row_dir, col_dir, step, origin, spacing_yx)
     return Volume(pixels, affine, modality=_modality(header), meta=_meta(header, path, frames))
+
+
+def _read_without_geometry(path: Path, header: Dataset, pixels: np.ndarray, spacing_yx: tuple[float, float]) -> Volume:
+    """A projection image (no patient orientation): display orientation on an axis-aligned grid, like a PNG."""
+    meta = _meta(header, path, pixels.shape[1])
+    pixels, spacing_yx, orientation = _to_display_orientation(header, pixels, spacing_yx, path)
+    if orientation is not None:
+        meta["patient_orientation"] = orientation
+    affine = affine_from_spacing((_slice_thickness(header), *spacing_yx))
+    return Volume(np.ascontiguousarray(pixels), affine, modality=_modality(header), meta=meta)
+
+
+def _to_display_orientation(
+    ds: Dataset, pixels: np.ndarray, spacing_yx: tuple[float, float], path: Path
+) -> tuple[np.ndarray, tuple[float, float], str | None]:
+    """Flip/transpose ``(C, Z, Y, X)`` pixels so that ``PatientOrientation`` reads ``L\\F`` (or ``P\\F``).
+
+    Returns the pixels, their ``(Y, X)`` spacing and the orientation honoured
+    (``None`` when the tag is absent or unusable; the pixels are then kept as stored).
+    """
+    value = ds.get("PatientOrientation")
+    if not value or len(value) != 2:
+        return pixels, spacing_yx, None
+    row, col = (str(v).strip().upper()[:1] for v in value)  # first letter of e.g. "LF" (oblique)
+    if row not in _DISPLAY_AXIS or col not in _DISPLAY_AXIS or _DISPLAY_AXIS[row][0] == _DISPLAY_AXIS[col][0]:
+        warnings.warn(f"{path}: PatientOrientation {list(value)} is not a pair of in-plane directions; pixels kept as stored", stacklevel=4)
+        return pixels, spacing_yx, None
+    if _DISPLAY_AXIS[row][0] == 1:  # image rotated by 90 degrees: its rows run along the body axis
+        pixels, spacing_yx, (row, col) = pixels.swapaxes(2, 3), spacing_yx[::-1], (col, row)
+    if _DISPLAY_AXIS[row][1] < 0:
+        pixels = pixels[..., ::-1]
+    if _DISPLAY_AXIS[col][1] < 0:
+        pixels = pixels[..., ::-1, :]
+    return pixels, spacing_yx, "\\".join(str(v) for v in value)
 
 
 def _frame_positions(header: Dataset, per_frame: Sequence[Dataset] | None, frames: int) -> np.ndarray | None:
@@ -180,25 +235,60 @@ def _with_pixels(path: Path) -> Dataset:
 
 
 def _pixels(path: Path, ds: Dataset) -> np.ndarray:
-    """Pixel data in real units as ``(C, Z, Y, X)``; Z is the frame count."""
+    """Pixel data in real units as ``(C, Z, Y, X)``; Z is the frame count. MONOCHROME1 is inverted."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    check_decoded_size((samples, frames, rows, cols), _output_dtype(ds), path)
     with reading(str(path), "pixel data could not be decoded"):
         if "PixelData" not in ds:
             raise CorruptFileError("the file has no pixel data", path=path, fix=TRUNCATED_FIX)
+        _check_native_length(ds, frames * samples * rows * cols, path)
         raw = ds.pixel_array
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1))
     if samples > 1:  # colour: (..., Y, X, S) -> (S, Z, Y, X)
         raw = raw.reshape((frames, *raw.shape[-3:])).transpose(3, 0, 1, 2)
     else:
         raw = raw.reshape((1, frames, *raw.shape[-2:]))
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        raw = np.invert(raw) if raw.dtype.kind == "i" else np.bitwise_and(np.invert(raw), (1 << int(ds.get("BitsStored", 8 * raw.itemsize))) - 1)
+    slope, intercept = _rescale(ds)
     if slope == 1 and intercept == 0:
         return raw
     real = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     if slope.is_integer() and intercept.is_integer() and real.min() >= -32768 and real.max() <= 32767:
         return real.astype(np.int16)  # CT in HU fits int16 exactly
     return real
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def _output_dtype(ds: Dataset) -> np.dtype:
+    """The dtype :func:`_pixels` returns, for the size check (float32 once rescaled)."""
+    if _rescale(ds) != (1.0, 0.0):
+        return np.dtype(np.float32)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    return np.dtype(f"{'i' if int(ds.get('PixelRepresentation', 0) or 0) else 'u'}{max(1, bits // 8)}")
+
+
+def _check_native_length(ds: Dataset, samples_total: int, path: Path) -> None:
+    """Refuse uncompressed pixel data longer than the header's image size (compressed data are not checked)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    expected = -(-samples_total * bits // 8)
+    actual = len(ds.PixelData)
+    if actual > expected + expected % 2:  # one pad byte makes an odd length even
+        raise CorruptFileError(
+            f"pixel data holds {actual} bytes, more than the {expected} that Rows x Columns x frames x samples "
+            f"({ds.get('Rows')} x {ds.get('Columns')} x {ds.get('NumberOfFrames', 1) or 1} x {ds.get('SamplesPerPixel', 1)}) "
+            f"at {bits} bits give",
+            path=path,
+            fix="the header and the pixel data disagree (wrong Rows/Columns/NumberOfFrames, or extra data); "
+            "export the image again or correct the header.",
+        )
 
 
 def _functional_group(ds: Dataset, keyword: str) -> Dataset | None:
@@ -221,15 +311,21 @@ def _orientation_vectors(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarra
     return row_dir, col_dir
 
 
+def _slice_thickness(ds: Dataset) -> float:
+    return float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
+
+
 def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
-    """``(row spacing, column spacing)`` = ``(y, x)`` in mm."""
+    """``(row spacing, column spacing)`` = ``(y, x)`` in mm; 1 mm when the file gives none."""
+    return _pixel_spacing_tag(ds) or (1.0, 1.0)
+
+
+def _pixel_spacing_tag(ds: Dataset) -> tuple[float, float] | None:
     shared = _functional_group(ds, "SharedFunctionalGroupsSequence")
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     if spacing is None and shared is not None and "PixelMeasuresSequence" in shared:
         spacing = shared.PixelMeasuresSequence[0].get("PixelSpacing")
-    if spacing is None:
-        return (1.0, 1.0)
-    return (float(spacing[0]), float(spacing[1]))
+    return None if spacing is None else (float(spacing[0]), float(spacing[1]))
 
 
 def _affine(
@@ -264,7 +360,10 @@ def _modality(ds: Dataset) -> str | None:
 def _meta(ds: Dataset, source: Path, num_slices: int) -> dict:
     return {
         "source": str(source),
+        "sources": [str(source)],
         "format": "dicom",
+        "spacing_assumed": _pixel_spacing_tag(ds) is None,
+        "monochrome1_inverted": str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1",
         "series_uid": str(ds.get("SeriesInstanceUID", "")),
         "series_description": str(ds.get("SeriesDescription", "")),
         "num_slices": num_slices,
