@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 from spadkit.errors import CorruptFileError, InvalidImageError, UnsupportedFormatError
 from spadkit.io import SUPPORTED_SUFFIXES, detect_format, read_label, read_volume, write_nifti
 from spadkit.volume import Volume
+from tests._dicom import radiograph_dataset
 from tests.conftest import write_nifti_array
 
 
@@ -548,3 +549,147 @@ def test_detect_format_by_suffix(tmp_path, name, fmt):
 def test_missing_path_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
         read_volume(tmp_path / "missing.nii.gz")
+
+
+# --------------------------------------------------------------------------- 2D conventions (PNG vs DICOM)
+
+
+@pytest.fixture
+def xray(rng) -> np.ndarray:
+    """A 12-bit 'radiograph' (rows, columns) with no symmetry, so any flip or rotation shows."""
+    pixels = rng.integers(0, 4096, (30, 40)).astype(np.uint16)
+    pixels[:5, :8] = 4095  # a bright block in the top-left corner
+    return pixels
+
+
+def _png_and_dicom(tmp_path: Path, pixels: np.ndarray, dicom_pixels: np.ndarray | None = None, **tags) -> tuple[Volume, Volume]:
+    Image.fromarray(pixels).save(tmp_path / "xr.png")
+    radiograph_dataset(pixels if dicom_pixels is None else dicom_pixels, bits_stored=12, **tags).save_as(tmp_path / "xr.dcm", enforce_file_format=True)
+    return read_volume(tmp_path / "xr.png"), read_volume(tmp_path / "xr.dcm")
+
+
+def _assert_same_storage(a: Volume, b: Volume) -> None:
+    """Both land identically where ingest puts them (Volume.canonical())."""
+    a, b = a.canonical(), b.canonical()
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(a.affine, b.affine)
+
+
+def test_dicom_radiograph_without_geometry_lands_like_png(tmp_path, xray):
+    png, dcm = _png_and_dicom(tmp_path, xray)
+    assert dcm.modality == "XR" and dcm.shape == (1, 1, 30, 40)
+    assert dcm.orientation == png.orientation == "RAS"
+    _assert_same_storage(png, dcm)
+    np.testing.assert_array_equal(dcm.canonical().numpy()[0, 0], xray)  # stored as displayed, not rotated
+    assert "patient_orientation" not in dcm.meta
+
+
+def test_dicom_radiograph_pixel_spacing_kept_in_png_convention(tmp_path, xray):
+    _, dcm = _png_and_dicom(tmp_path, xray, PixelSpacing=[0.2, 0.1])
+    assert dcm.spacing[1:] == pytest.approx((0.2, 0.1))
+    assert dcm.meta["spacing_assumed"] is False
+    np.testing.assert_array_equal(dcm.canonical().numpy()[0, 0], xray)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "stored"),
+    [
+        (["L", "F"], lambda p: p),
+        (["R", "F"], lambda p: p[:, ::-1]),  # mirrored: the patient's right on the right
+        (["L", "H"], lambda p: p[::-1]),  # upside down
+        (["R", "H"], lambda p: p[::-1, ::-1]),
+        (["F", "L"], lambda p: p.T),  # rotated: rows run along the body axis
+        (["H", "R"], lambda p: p[::-1, ::-1].T),
+        (["P", "F"], lambda p: p),  # lateral, already in display orientation
+        (["A", "F"], lambda p: p[:, ::-1]),
+        (["LF", "FR"], lambda p: p),  # oblique letters: the first one counts
+    ],
+    ids=["LF", "RF", "LH", "RH", "FL", "HR", "PF", "AF", "oblique"],
+)
+def test_dicom_patient_orientation_brings_pixels_to_display_orientation(tmp_path, xray, orientation, stored):
+    """A DICOM storing the displayed image ``xray`` in another orientation lands like the PNG of ``xray``."""
+    png, dcm = _png_and_dicom(tmp_path, xray, np.ascontiguousarray(stored(xray)), PatientOrientation=orientation)
+    _assert_same_storage(png, dcm)
+    assert dcm.meta["patient_orientation"] == "\\".join(orientation)
+
+
+def test_dicom_patient_orientation_transposed_swaps_pixel_spacing(tmp_path, xray):
+    _, dcm = _png_and_dicom(tmp_path, xray, np.ascontiguousarray(xray.T), PatientOrientation=["F", "L"], PixelSpacing=[0.3, 0.1])
+    assert dcm.spacing[1:] == pytest.approx((0.1, 0.3))  # stored rows 0.3 mm apart become columns
+
+
+def test_dicom_unusable_patient_orientation_warns_and_keeps_pixels(tmp_path, xray):
+    with pytest.warns(UserWarning, match="PatientOrientation"):
+        png, dcm = _png_and_dicom(tmp_path, xray, PatientOrientation=["L", "R"])
+    _assert_same_storage(png, dcm)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits", "expected"),
+    [(np.uint16, 12, lambda p: 4095 - p), (np.uint8, 8, lambda p: 255 - p), (np.int16, 16, lambda p: -1 - p)],
+)
+def test_dicom_monochrome1_inverted_like_simpleitk(tmp_path, rng, dtype, bits, expected):
+    pixels = rng.integers(0, 2 ** min(bits, 15), (20, 24)).astype(dtype)
+    radiograph_dataset(pixels, photometric="MONOCHROME1", bits_stored=bits).save_as(tmp_path / "m1.dcm", enforce_file_format=True)
+    vol = read_volume(tmp_path / "m1.dcm")
+    assert vol.meta["monochrome1_inverted"] is True
+    assert vol.dtype == dtype
+    np.testing.assert_array_equal(vol.numpy()[0, 0], expected(pixels.astype(np.int64)))
+
+
+def test_dicom_monochrome2_not_inverted(tmp_path, xray):
+    radiograph_dataset(xray, bits_stored=12).save_as(tmp_path / "m2.dcm", enforce_file_format=True)
+    vol = read_volume(tmp_path / "m2.dcm")
+    assert vol.meta["monochrome1_inverted"] is False
+    np.testing.assert_array_equal(vol.numpy()[0, 0], xray)
+
+
+def test_dicom_without_pixel_spacing_marked_assumed(tmp_path, xray, pydicom_data):
+    radiograph_dataset(xray).save_as(tmp_path / "xr.dcm", enforce_file_format=True)
+    assert read_volume(tmp_path / "xr.dcm").meta["spacing_assumed"] is True
+    assert read_volume(pydicom_data / "CT_small.dcm").meta["spacing_assumed"] is False
+
+
+@pytest.mark.parametrize(("suffix", "kwargs"), [(".jpg", {"quality": 90}), (".png", {}), (".tif", {})])
+def test_grey_image_saved_as_rgb_collapses_to_one_channel(tmp_path, suffix, kwargs):
+    y, x = np.mgrid[0:60, 0:80]
+    grey = (2 * x + y).astype(np.uint8)
+    path = tmp_path / f"xr{suffix}"
+    Image.fromarray(np.dstack([grey] * 3)).save(path, **kwargs)
+    assert np.asarray(Image.open(path)).shape == (60, 80, 3)
+    vol = read_volume(path)
+    assert vol.shape == (1, 1, 60, 80)
+    assert vol.meta["channels_collapsed"] is True
+    assert np.abs(vol.numpy()[0, 0].astype(int) - grey).mean() < 2
+
+
+def test_colour_image_with_one_differing_pixel_keeps_three_channels(tmp_path):
+    pixels = np.full((10, 12, 3), 100, np.uint8)
+    pixels[4, 5, 2] = 101
+    Image.fromarray(pixels).save(tmp_path / "c.png")
+    vol = read_volume(tmp_path / "c.png")
+    assert vol.shape == (3, 1, 10, 12)
+    assert vol.meta["channels_collapsed"] is False
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.nrrd", "xr.png", "slide.tif", "CT_small.dcm"])
+def test_every_reader_records_its_sources(tmp_path, pydicom_data, rng, name):
+    path = tmp_path / name
+    data = rng.integers(0, 255, (6, 5, 4)).astype(np.uint8)
+    if name.endswith(".nii.gz"):
+        write_nifti_array(path, data)
+    elif name.endswith(".nrrd"):
+        nrrd.write(str(path), data)
+    elif name.endswith(".png"):
+        Image.fromarray(data[0]).save(path)
+    elif name.endswith(".tif"):
+        tifffile.imwrite(path, data[0])
+    else:
+        shutil.copy(pydicom_data / name, path)
+    assert read_volume(path).meta["sources"] == [str(path)]
+
+
+def test_dicom_series_sources_list_every_slice(tmp_path, pydicom_data, rng):
+    files = _write_series(tmp_path / "s", pydicom_data / "CT_small.dcm", [0, 1, 2], series_uid=generate_uid(), rng=rng)
+    assert read_volume(tmp_path / "s").meta["sources"] == [str(files[d]) for d in (0, 1, 2)]
