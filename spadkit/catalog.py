@@ -20,8 +20,11 @@ import hashlib
 import os
 import shutil
 import tarfile
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -36,6 +39,8 @@ from spadkit.errors import CatalogError
 
 #: Environment variable that points spadkit at another catalog folder.
 CATALOG_ENV = "SPADKIT_CATALOG"
+#: Largest catalog file read (bytes); entries are a few KB.
+MAX_ENTRY_BYTES = 1 << 20
 
 
 class Modality(str, Enum):
@@ -177,16 +182,7 @@ def load_entry(path: str | os.PathLike) -> DatasetEntry:
             a missing/invalid field, or a ``name`` that differs from the file stem.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.constructor.ConstructorError as err:
-        raise CatalogError(
-            f"refused an unsafe YAML construct ({err.problem})",
-            path=path,
-            fix="catalog files are plain data: remove tags such as !!python/object.",
-        ) from None
-    except yaml.YAMLError as err:
-        raise CatalogError(f"not valid YAML: {err}", path=path, fix="fix the YAML syntax.") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise CatalogError("expected a mapping of fields at the top level", path=path, fix="see data_catalog/schema.json.")
     try:
@@ -203,6 +199,30 @@ def load_entry(path: str | os.PathLike) -> DatasetEntry:
     return entry
 
 
+def _read_yaml(path: Path) -> object:
+    """``yaml.safe_load`` of a catalog file, every failure a :class:`CatalogError` naming it."""
+    if not path.is_file():
+        raise CatalogError("not a regular file", path=path, fix="catalog entries are files: rename or remove this folder.")
+    if path.stat().st_size > MAX_ENTRY_BYTES:
+        raise CatalogError(f"{path.stat().st_size} bytes is more than a catalog entry needs ({MAX_ENTRY_BYTES})", path=path, fix="one entry per file, a few KB of YAML.")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CatalogError(f"not UTF-8 text (byte {err.start})", path=path, fix="save the file as UTF-8.") from None
+    except yaml.constructor.ConstructorError as err:
+        raise CatalogError(
+            f"refused an unsafe YAML construct ({err.problem})",
+            path=path,
+            fix="catalog files are plain data: remove tags such as !!python/object.",
+        ) from None
+    except yaml.YAMLError as err:
+        raise CatalogError(f"not valid YAML: {err}", path=path, fix="fix the YAML syntax.") from None
+    except ValueError as err:  # an integer with more digits than Python converts (4300)
+        raise CatalogError(f"a value cannot be read ({' '.join(str(err).split())[:120]})", path=path, fix="use a number of sensible size.") from None
+    except RecursionError:
+        raise CatalogError("nested too deeply to read", path=path, fix="catalog entries are flat mappings of fields; see data_catalog/schema.json.") from None
+
+
 def load_catalog(folder: str | os.PathLike | None = None) -> Catalog:
     """Load every ``*.yaml`` entry of a catalog folder (the default one if ``None``)."""
     folder = Path(folder) if folder is not None else default_catalog_dir()
@@ -216,8 +236,14 @@ def load_catalog(folder: str | os.PathLike | None = None) -> Catalog:
 
 
 def validate_catalog(folder: str | os.PathLike | None = None) -> list[CatalogError]:
-    """Validate every entry; return the errors instead of stopping at the first."""
+    """Validate every ``*.yaml`` of a catalog folder; return all the errors instead of stopping at the first.
+
+    Raises:
+        CatalogError: the folder itself does not exist.
+    """
     folder = Path(folder) if folder is not None else default_catalog_dir()
+    if not folder.is_dir():
+        raise CatalogError("catalog folder not found", path=folder, fix=f"pass an existing folder or set ${CATALOG_ENV}.")
     errors = []
     for path in sorted(folder.glob("*.yaml")):
         try:
@@ -251,8 +277,14 @@ def download(entry: DatasetEntry, dest: str | os.PathLike, *, extract: bool = Tr
     Returns:
         The extracted folder, or the downloaded file when not extracted.
 
+    Everything is written under ``dest``: the file name is the URL's last path
+    segment, decoded, and refused when it holds a separator or is a dot name
+    (:func:`download_name`); archive members that would escape are refused.
+
     Raises:
-        CatalogError: no public URL, or a checksum mismatch.
+        CatalogError: no public URL, a URL without a plain file name, a failed download,
+            a checksum mismatch, or a damaged archive or escaping member (nothing partial
+            is left behind).
     """
     if entry.download_url is None:
         raise CatalogError(
@@ -262,19 +294,18 @@ def download(entry: DatasetEntry, dest: str | os.PathLike, *, extract: bool = Tr
             f"{entry.name} --out STORE.zarr`.",
         )
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     url = str(entry.download_url)
-    target = dest / Path(urllib.request.url2pathname(url.rsplit("/", 1)[-1].split("?")[0]))
+    target = dest / download_name(url)
+    dest.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         partial = target.with_name(target.name + ".partial")
-        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=entry.name) as bar:
-                while block := response.read(chunk_mb << 20):
-                    out.write(block)
-                    bar.update(len(block))
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            _fetch(url, partial, entry.name, chunk_mb)
+        except BaseException as err:
+            partial.unlink(missing_ok=True)
+            if isinstance(err, (urllib.error.URLError, TimeoutError, ConnectionError)):
+                raise CatalogError(f"download failed ({err})", path=url, fix="check the network and the URL, then retry.") from None
+            raise
         if entry.download_sha256 and _sha256(partial) != entry.download_sha256:
             partial.unlink()
             raise CatalogError(
@@ -288,6 +319,34 @@ def download(entry: DatasetEntry, dest: str | os.PathLike, *, extract: bool = Tr
     return _extract(target, dest / entry.name)
 
 
+def _fetch(url: str, partial: Path, desc: str, chunk_mb: int) -> None:
+    with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
+            while block := response.read(chunk_mb << 20):
+                out.write(block)
+                bar.update(len(block))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def download_name(url: str) -> str:
+    """The file name a download is saved under: the URL path's last segment, percent-decoded.
+
+    Raises:
+        CatalogError: the decoded name is empty, ``.``/``..``, or contains a path separator
+            (``%2F``-encoded paths would otherwise write outside the destination).
+    """
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    if name in ("", ".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise CatalogError(
+            f"the download URL does not end in a plain file name (decoded: {name!r})",
+            path=url,
+            fix="set download_url to a URL whose last path segment is the archive's file name.",
+        )
+    return name
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -297,11 +356,35 @@ def _sha256(path: Path) -> str:
 
 
 def _extract(archive: Path, folder: Path) -> Path:
-    """Unpack an archive into ``folder`` (via a temporary sibling, renamed when done)."""
+    """Unpack an archive into ``folder`` (via a temporary sibling, renamed when done).
+
+    Members that would land outside ``folder`` (absolute paths, ``..``, links
+    pointing out, devices) are refused; the temporary folder is then removed.
+
+    Raises:
+        CatalogError: not an archive, a damaged archive, or a member that escapes; names the
+            archive and the member.
+    """
     if folder.exists():
         return folder
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _unpack(archive, tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-extracted NAME.partial/ behind
+        if isinstance(err, tarfile.FilterError):
+            raise CatalogError(
+                f"archive member {err.tarinfo.name!r} was refused ({err})", path=archive, fix="do not extract this archive; it tries to write outside its folder."
+            ) from None
+        if isinstance(err, (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error)):
+            raise CatalogError(f"cannot extract the archive ({type(err).__name__}: {err})", path=archive, fix="delete it and download again.") from None
+        raise
+    tmp.replace(folder)
+    return folder
+
+
+def _unpack(archive: Path, tmp: Path) -> None:
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")  # "data" rejects absolute paths, links out and devices
@@ -311,8 +394,6 @@ def _extract(archive: Path, folder: Path) -> Path:
             zf.extractall(tmp)
     else:
         raise CatalogError("downloaded file is neither a tar nor a zip archive", path=archive, fix="pass extract=False and unpack it yourself.")
-    tmp.replace(folder)
-    return folder
 
 
 def _check_zip_members(names: Sequence[str], archive: Path) -> None:
