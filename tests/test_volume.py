@@ -9,7 +9,13 @@ import pytest
 
 from spadkit.errors import GeometryMismatchError, InvalidImageError
 from spadkit.io import read_volume
-from spadkit.volume import LabelVolume, Volume, affine_from_spacing, validate_affine
+from spadkit.volume import (
+    LabelVolume,
+    Volume,
+    affine_from_spacing,
+    array_order_affine,
+    validate_affine,
+)
 
 SOURCE = "/data/case_007/ct.nii.gz"
 
@@ -312,3 +318,14 @@ def test_repr_is_one_line():
     assert "\n" not in text
     assert text.startswith("Volume(shape=(1, 3, 4, 5), spacing=(2.5, 0.8, 0.7)")
     assert SOURCE in text
+
+
+def test_array_order_affine_maps_array_indices_to_the_same_world_point(oblique_volume):
+    """``array_order_affine(A) @ (z, y, x, 1) == A @ (x, y, z, 1)``, and converting twice gives ``A`` back."""
+    affine = oblique_volume.affine
+    converted = array_order_affine(affine)
+    for z, y, x in [(0, 0, 0), (1, 2, 3), (4, 0, 7)]:
+        np.testing.assert_allclose(converted @ [z, y, x, 1], affine @ [x, y, z, 1])
+    np.testing.assert_array_equal(array_order_affine(converted), affine)
+    sz, sy, sx = oblique_volume.spacing
+    np.testing.assert_allclose(np.linalg.norm(converted[:3, :3], axis=0), (sz, sy, sx))  # MONAI's pixdim
