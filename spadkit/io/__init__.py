@@ -10,6 +10,11 @@ folder of DICOM files, ``.dcm``     DICOM series / single or multi-frame file
 ``.tif``, ``.tiff``                 2D image or page stack (tifffile)
 ``STORE.zarr/CASE``                 a case of a spadkit OME-Zarr store (lazy)
 =================================  ==========================================
+
+Every reader checks the decoded size from the file's header against a budget
+before decoding (:mod:`spadkit.io.budget`; ``SPADKIT_MAX_DECODED_BYTES``) and
+lists the files it read in ``Volume.meta["sources"]``. A detached NRRD header
+may only name a data file in its own folder (``allow_outside=True`` to override).
 """
 
 from __future__ import annotations
@@ -87,7 +92,13 @@ def read_volume(path: str | os.PathLike, **options: Any) -> Volume:
 
     Args:
         path: file, DICOM folder, or ``STORE.zarr/CASE_ID``.
-        **options: passed to the reader (``modality=``, ``series_uid=``, ``spacing=``).
+        **options: passed to the reader: ``modality=`` (NIfTI, NRRD, 2D), ``series_uid=``
+            (DICOM), ``spacing=`` (2D), ``allow_outside=`` (NRRD: read a detached data
+            file outside the header's folder; only for trusted headers).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        SpadkitError: unreadable, unsafe or over-budget input (the message names the file and the fix).
     """
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
