@@ -109,7 +109,7 @@ def read_volume(path: str | os.PathLike, **options: Any) -> Volume:
     return _READERS[fmt](path, **options)
 
 
-def read_label(path: str | os.PathLike, classes: dict[int, str] | None = None) -> LabelVolume:
-    """Read a label map (any format :func:`read_volume` reads) as a :class:`LabelVolume`."""
-    volume = read_volume(path)
+def read_label(path: str | os.PathLike, classes: dict[int, str] | None = None, **options: Any) -> LabelVolume:
+    """Read a label map (any format :func:`read_volume` reads, with its ``options``) as a :class:`LabelVolume`."""
+    volume = read_volume(path, **options)
     return LabelVolume(volume.array, volume.affine, classes=classes, meta=volume.meta)
