@@ -4,8 +4,9 @@ A synthetic CT-like volume (default 300 x 512 x 512 int16, 150 MiB of voxels:
 a body-shaped ellipse of soft tissue and bone inside air, padded with -3024
 outside a circular field of view) is written as uncompressed NIfTI, once per
 case. Each measurement runs ``spadkit.ingest.ingest`` in a child process and
-reads that child's peak resident set size (``ru_maxrss``), minus the RSS of
-the same child after its imports, so the number is what ingest itself adds.
+reads that child's peak resident set size: after the imports the child resets
+its high-water mark (``/proc/self/clear_refs``, Linux) and records its RSS, so
+the number reported is what ingest itself adds at its peak (``VmHWM - VmRSS``).
 
 Usage::
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -35,22 +35,30 @@ def ct_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     body = ((yy - cy) / (0.35 * y)) ** 2 + ((xx - cx) / (0.45 * x)) ** 2 <= 1
     bone = ((yy - cy) / (0.06 * y)) ** 2 + ((xx - cx) / (0.06 * x)) ** 2 <= 1
     fov = (yy - cy) ** 2 + (xx - cx) ** 2 <= (0.5 * min(x, y)) ** 2
-    plane = np.where(fov, -1000, -3024).astype(np.int16)
+    plane = np.full((y, x), -1000, dtype=np.int16)
     plane[body] = 40
     plane[bone] = 700
     volume = np.broadcast_to(plane, shape).copy()
     volume += rng.integers(-20, 21, size=shape, dtype=np.int16)
+    volume[:, ~fov] = -3024  # the scanner's padding outside the field of view, exact
     return volume
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def _child(dataset: str, store: str, workers: int, queue: mp.Queue) -> None:
     import spadkit.ingest as ingest_module  # imports first: the baseline excludes them
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+        refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    base = _status_kib("VmRSS")
     start = time.perf_counter()
     report = ingest_module.ingest(dataset, store, num_workers=workers, progress=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     queue.put({"ok": report.ok, "summary": report.summary(), "baseline_kib": base, "peak_kib": peak, "seconds": seconds})
 
 

@@ -13,8 +13,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from spadkit import __version__
 from spadkit.errors import SpadkitError
 
@@ -64,26 +62,28 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         scheduler_address=args.scheduler,
         overwrite=args.overwrite,
+        repair=args.repair,
         progress=not args.quiet,
     )
     print(report.summary())
     return 0 if report.ok else 1
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from spadkit.check import check_store
+
+    report = check_store(args.store, deep=not args.quick)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
 def volume_info(path: str) -> dict:
     """What ``spadkit info`` prints: geometry, dtype and intensity range of an image file."""
-    import dask.array as da
-
     from spadkit.io import read_volume
+    from spadkit.stats import value_range
 
     volume = read_volume(path)
-    array = volume.array if hasattr(volume.array, "compute") else da.from_array(volume.array)
-    floating = np.issubdtype(volume.dtype, np.floating)
-    lo, hi, nonfinite = da.compute(
-        da.nanmin(array) if floating else array.min(),
-        da.nanmax(array) if floating else array.max(),
-        (~da.isfinite(array)).sum() if floating else 0,
-    )
+    lo, hi, nonfinite = value_range(volume.array, volume.source)  # chunk-wise; damaged chunks raise CorruptFileError
     sz, sy, sx = volume.spacing
     return {
         "path": str(path),
@@ -111,6 +111,7 @@ def store_info(path: str) -> dict:
         "dataset": info.get("dataset"),
         "cases": store.cases(),
         "incomplete_cases": store.incomplete_cases(),
+        "damaged_cases": store.damaged_cases(),
         "fingerprint": info.get("fingerprint"),
     }
 
@@ -130,6 +131,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  cases        {len(summary['cases'])}: {', '.join(summary['cases'][:8])}{' ...' if len(summary['cases']) > 8 else ''}")
         if summary["incomplete_cases"]:
             print(f"  incomplete   {', '.join(summary['incomplete_cases'])} (re-run `spadkit ingest` to redo them)")
+        for case, reason in summary["damaged_cases"].items():
+            print(f"  DAMAGED      {case}: {reason} (`spadkit check` lists all problems; `spadkit ingest ... --repair` redoes them)")
         if fp:
             print(f"  spacing      median (Z, Y, X) {fp['spacing_zyx_mm']['median']} mm")
             for channel, stats in fp["intensity"].items():
@@ -204,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--catalog-folder", default=None, help="catalog folder (default: bundled)")
     ing.add_argument("--layout", choices=("msd", "nnunet", "flat", "dicom_series", "image_folder"), help="override the folder layout")
     ing.add_argument("--modality", help="modality code(s), e.g. CT or MR,MR for two channels")
-    ing.add_argument("--workers", type=int, default=None, help="local threads (default: CPU count)")
+    ing.add_argument("--workers", type=int, default=None, help="local threads, at least 1 (default: as many as the CPUs and the available memory allow)")
     ing.add_argument("--scheduler", default=None, help="dask.distributed scheduler address, e.g. tcp://10.0.0.1:8786")
     ing.add_argument("--overwrite", action="store_true", help="redo cases already in the store")
+    ing.add_argument("--repair", action="store_true", help="read every chunk of every complete case and redo the damaged ones (see `spadkit check`)")
     ing.add_argument("--quiet", action="store_true", help="no progress bar")
     ing.set_defaults(func=_cmd_ingest)
 
@@ -214,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", help="NIfTI, NRRD, DICOM file/folder, PNG/JPEG/TIFF, STORE.zarr/CASE, or a whole STORE.zarr")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
+
+    check = sub.add_parser(
+        "check",
+        help="verify every case of a store: metadata, arrays, every chunk present and decodable",
+        description="Verify a spadkit OME-Zarr store case by case; exit 1 if any case is damaged or incomplete. "
+        "`spadkit ingest DATASET --out STORE --repair` redoes the damaged cases.",
+    )
+    check.add_argument("store", help="STORE.zarr (local path or fsspec URL)")
+    check.add_argument("--quick", action="store_true", help="check metadata and arrays only, do not read the chunks")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(func=_cmd_check)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on bundled real data", description="Ingest bundled real volumes into a store, draw a montage, then train the tiny tokenizer and pretrain the tiny SPAD-ViT on CPU and plot the losses.")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")

@@ -145,6 +145,7 @@ class OMEZarrStore:
         info = self.root.attrs.get("spadkit")
         if not isinstance(info, dict):
             raise StoreError("this Zarr group was not written by spadkit", path=self.url, fix="ingest the data with `spadkit ingest`.")
+        self._store.check_frames = not info.get("sharded", False)
         if int(info.get("store_format", 0)) > STORE_FORMAT:
             raise StoreError(f"store format {info['store_format']} is newer than this spadkit ({STORE_FORMAT})", path=self.url, fix="upgrade spadkit.")
 

@@ -98,14 +98,28 @@ def downsample(array: np.ndarray, factor: Sequence[int], *, label: bool) -> np.n
     for z0 in range(0, out.shape[1], planes):
         z1 = min(out.shape[1], z0 + planes)
         slab = np.asarray(array[:, z0 * fz : z1 * fz, : out.shape[2] * fy, : out.shape[3] * fx])
-        blocks = slab.reshape(c, z1 - z0, fz, out.shape[2], fy, out.shape[3], fx)
         if label:
+            blocks = slab.reshape(c, z1 - z0, fz, out.shape[2], fy, out.shape[3], fx)
             rows = blocks.transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, fz * fy * fx)
             out[:, z0:z1] = block_mode(rows).reshape(c, z1 - z0, out.shape[2], out.shape[3])
         else:
-            mean = blocks.mean(axis=(2, 4, 6), dtype=np.float32)
+            mean = _block_sum(slab, (fz, fy, fx))
+            mean *= np.float32(1 / (fz * fy * fx))
             out[:, z0:z1] = mean if np.issubdtype(array.dtype, np.floating) else np.rint(mean)
     return out
+
+
+def _block_sum(slab: np.ndarray, factor: Sequence[int]) -> np.ndarray:
+    """Float32 sums over blocks of ``factor`` (Z, Y, X) voxels, one axis at a time over strided views
+    (several times faster than a multi-axis ``mean`` of a 7D reshape)."""
+    total = slab.astype(np.float32)
+    for axis, f in zip((1, 2, 3), factor):
+        if f > 1:
+            parts = [total[(slice(None),) * axis + (slice(offset, None, f),)] for offset in range(f)]
+            total = parts[0] + parts[1]
+            for part in parts[2:]:
+                total += part
+    return total
 
 
 def datasets(prefix: str, factors: Sequence[Sequence[int]], spacing: Sequence[float], origin_zyx: Sequence[float]) -> list[dict]:

@@ -20,13 +20,14 @@ from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from spadkit.atomic import atomic_path
-from spadkit.errors import StoreError
+from spadkit.errors import CorruptFileError, StoreError
 
 T = TypeVar("T")
 
@@ -58,9 +59,14 @@ class CheckedStore(WrapperStore):
         self.url = url
         self.strict: set[str] = set() if strict is None else strict
         self.local = local
+        #: Check the Blosc frame header of each chunk of a strict case (unsharded stores only:
+        #: a whole-shard read is not one frame).
+        self.check_frames = False
 
     def _with_store(self, store: Any) -> CheckedStore:
-        return type(self)(store, self.url, self.strict, local=self.local)
+        clone = type(self)(store, self.url, self.strict, local=self.local)
+        clone.check_frames = self.check_frames
+        return clone
 
     async def set(self, key: str, value: Buffer) -> None:
         """Write ``key``; on a local disk a metadata document is replaced atomically (temp file + rename),
@@ -72,9 +78,20 @@ class CheckedStore(WrapperStore):
         await asyncio.to_thread(_replace_file, Path(self._store.root) / key, value.to_bytes())
 
     def _check(self, key: str, value: Buffer | None) -> Buffer | None:
-        if value is None and is_chunk_key(key) and key.split("/", 1)[0] in self.strict:
-            array, chunk = key.split("/c/", 1)
-            raise StoreError(f"chunk file c/{chunk} is missing", path=f"{self.url.rstrip('/')}/{array}", fix=LOST_CHUNK_FIX)
+        if not is_chunk_key(key) or key.split("/", 1)[0] not in self.strict:
+            return value
+        array, chunk = key.split("/c/", 1)
+        where = f"{self.url.rstrip('/')}/{array}"
+        if value is None:
+            raise StoreError(f"chunk file c/{chunk} is missing", path=where, fix=LOST_CHUNK_FIX)
+        if self.check_frames:
+            size = _blosc_frame_size(value.as_numpy_array())
+            if size != len(value):
+                raise CorruptFileError(
+                    f"chunk file c/{chunk} is truncated or damaged (its Blosc header gives {size} bytes, the file holds {len(value)})",
+                    path=where,
+                    fix=LOST_CHUNK_FIX,
+                )
         return value
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
@@ -105,6 +122,17 @@ class CheckedStore(WrapperStore):
             return await asyncio.gather(*(self._store.get(key, prototype) for key in keys))
 
         return [None if value is None else value.to_bytes() for value in run_sync(fetch())]
+
+
+def _blosc_frame_size(data: np.ndarray) -> int | None:
+    """Total size that a Blosc 1 frame's header declares (bytes 12-15), or None if ``data`` is no such frame.
+
+    Checked before decoding because the Blosc decoder trusts the header: a truncated
+    frame makes it read past the buffer (a crash, not an exception).
+    """
+    if data.size < 16 or data[0] != 2:
+        return None
+    return int(np.frombuffer(data[12:16].tobytes(), dtype="<u4")[0])
 
 
 def _replace_file(path: Path, data: bytes) -> None:
