@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,10 +24,12 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
     if args.catalog_cmd == "validate":
         errors = validate_catalog(args.folder)
         for err in errors:
-            print(err, file=sys.stderr)
-        if not errors:
-            print(f"catalog OK: {len(load_catalog(args.folder))} entries")
-        return 1 if errors else 0
+            print(f"error: {err}", file=sys.stderr)
+        if errors:
+            print(f"{len(errors)} invalid catalog file(s)", file=sys.stderr)
+            return 1
+        print(f"catalog OK: {len(load_catalog(args.folder))} entries")
+        return 0
     catalog = load_catalog(args.folder)
     if args.catalog_cmd == "show":
         entry = catalog[args.name]
@@ -244,15 +247,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``spadkit ARGV``; return the exit status.
+
+    0 success; 1 the command ran but found problems (failed cases, invalid
+    catalog entries, a damaged store, output cut by a closed pipe); 2 bad
+    input (the message names the file and the fix; no traceback);
+    130 interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["pretrain"]:
             return pretrain(argv[1:])
         args = build_parser().parse_args(argv)
-        return args.func(args)
-    except (SpadkitError, FileNotFoundError) as err:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
+        return code
+    except SpadkitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`spadkit catalog list | head -1`): stop quietly. Point stdout at
+        # devnull so the interpreter's final flush does not raise again (Python docs, signal module).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as err:  # missing, unreadable or unwritable files named by the user
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
