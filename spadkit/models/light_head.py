@@ -118,13 +118,15 @@ def _boxes(region: Sequence[slice] | None, shape: Sequence[int]) -> tuple[slice,
 
 
 # ---------------------------------------------------------------------- extraction
-def _as_image(image: Any, spacing: Sequence[float] | None) -> tuple[Any, tuple[float, float, float]]:
-    """Accept a ``(C, Z, Y, X)`` array/tensor with ``spacing``, or a spadkit ``Volume`` (duck-typed)."""
+def image_and_spacing(image: Any, spacing: Sequence[float] | None) -> tuple[Any, tuple[float, float, float]]:
+    """Accept a ``(C, Z, Y, X)`` array/tensor with ``spacing``, or a spadkit ``Volume`` (duck-typed:
+    ``array``, ``affine`` and ``spacing``; its own spacing unless ``spacing`` is given)."""
+    is_volume = all(hasattr(image, name) for name in ("array", "affine", "spacing"))
     if spacing is None:
-        if not hasattr(image, "spacing"):
+        if not is_volume:
             raise SpadkitError("no spacing given for a plain array", fix="pass spacing=(z, y, x) in mm, or a spadkit Volume.")
         spacing = image.spacing
-    array = getattr(image, "array", image)
+    array = image.array if is_volume else image
     if len(array.shape) != 4:
         raise SpadkitError(f"expected a (C, Z, Y, X) image, got shape {tuple(array.shape)}", fix="add the channel axis: image[None].")
     return array, tuple(float(s) for s in spacing)
@@ -169,7 +171,7 @@ def _halo(sigma_voxels: float) -> int:
 def intensity_features(image: Any, spacing: Sequence[float], slab: int = 32) -> torch.Tensor:
     """``(4 * C, Z, Y, X)`` float16: per channel the intensity, Gaussians at :data:`SMOOTHING_MM`, and the
     gradient magnitude (per mm) of the :data:`GRADIENT_MM` Gaussian; computed ``slab`` Z rows at a time."""
-    array, spacing = _as_image(image, spacing)
+    array, spacing = image_and_spacing(image, spacing)
     channels, depth = array.shape[0], array.shape[1]
     scales = [tuple(s / sp for sp in spacing) for s in (*SMOOTHING_MM, GRADIENT_MM)]
     out = torch.empty((4 * channels, *array.shape[1:]), dtype=torch.float16)
@@ -236,7 +238,7 @@ def extract_features(
     Returns:
         :class:`VoxelFeatures` (float16).
     """
-    array, spacing = _as_image(image, spacing)
+    array, spacing = image_and_spacing(image, spacing)
     vit = getattr(model, "backbone", model)
     if array.shape[0] != vit.in_chans:
         raise SpadkitError(f"the model takes {vit.in_chans}-channel images, got {array.shape[0]}", fix=f"pass a {vit.in_chans}-channel image.")

@@ -1,0 +1,320 @@
+"""Spacing-aware sliding-window prediction with Gaussian blending, flip TTA and uncertainty.
+
+:func:`predict` runs a segmentation model (``model(x, spacing) -> logits``,
+e.g. SPAD-UNETR) over a ``(C, Z, Y, X)`` image of any spacing:
+
+* windows are multiples of the model's patch at the image's spacing level
+  (:func:`~spadkit.models.patch_shape`: 16x16x16 at 1 mm, 4x16x16 at 0.7x0.7x5 mm,
+  1x16x16 in 2D), by default 6x6x6 tokens, clamped to the image;
+* window positions and the Gaussian importance map are MONAI's
+  (``sliding_window_inference`` with ``mode="gaussian"``, ``sigma_scale=0.125``),
+  so on an in-memory volume both give the same probabilities (tested);
+* the image is read window by window (numpy, zarr, dask, a lazy ``Volume``) and the
+  outputs are finalised and written slab by slab along Z as soon as no later window
+  touches them, so neither input nor output must fit in memory (pass zarr arrays as
+  ``out``); memory is bounded by one band of windows;
+* ``region`` predicts only a box (e.g. a slab of slices around the one on screen): it
+  uses exactly the windows, weights and order of a full prediction that touch the
+  box, so it equals the same box of a full prediction;
+* outputs: class probabilities, the label map (argmax) and the predictive entropy
+  (nats; 0 = certain, ``log K`` = uniform), averaged over flips when ``flips`` is set.
+
+Images must be normalised as the model was trained (``pretrained_cfg.intensity``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spadkit.errors import SpadkitError
+from spadkit.models.light_head import image_and_spacing
+from spadkit.models.spad import batch_level
+from spadkit.models.vit import patch_shape
+
+#: Default window in tokens per axis (96^3 voxels at 1 mm).
+WINDOW_TOKENS = (6, 6, 6)
+SIGMA_SCALE = 0.125
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Outputs of :func:`predict` on ``region`` (arrays cover the region, or the whole grid when given as ``out``).
+
+    Attributes:
+        probs: ``(K, z, y, x)`` float32 class probabilities.
+        labels: ``(z, y, x)`` uint8/int32 argmax.
+        uncertainty: ``(z, y, x)`` float32 predictive entropy in nats.
+        region: the box predicted, as slices of the full ``(Z, Y, X)`` grid.
+        windows: how many windows were run (per flip).
+    """
+
+    probs: Any
+    labels: Any
+    uncertainty: Any
+    region: tuple[slice, slice, slice]
+    windows: int
+
+
+def default_window(shape: Sequence[int], spacing: Sequence[float], tokens: Sequence[int] = WINDOW_TOKENS) -> tuple[int, int, int]:
+    """``tokens`` patches per axis at the spacing's level, clamped to the image rounded up to the patch."""
+    patch = patch_shape(batch_level(spacing, shape[0]))
+    return tuple(min(t * p, math.ceil(n / p) * p) for t, p, n in zip(tokens, patch, shape))
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Window starts along one axis, as MONAI's ``dense_patch_slices`` (the last window ends at the edge)."""
+    if window >= size:
+        return [0]
+    interval = max(int(window * (1 - overlap)), 1)
+    count = next(d for d in range(math.ceil(size / interval)) if d * interval + window >= size) + 1
+    return [min(i * interval, size - window) for i in range(count)]
+
+
+def importance_map(window: Sequence[int], sigma_scale: float = SIGMA_SCALE) -> torch.Tensor:
+    """Gaussian weights ``(z, y, x)`` with sigma ``sigma_scale * window`` per axis, floored at 1e-3 (MONAI's)."""
+    weights = None
+    for n in window:
+        x = torch.arange(-(n - 1) / 2.0, (n - 1) / 2.0 + 1, dtype=torch.float)
+        g = torch.exp(x**2 / (-2 * (n * sigma_scale) ** 2))
+        weights = g if weights is None else weights.unsqueeze(-1) * g
+    return weights.clamp(min=max(weights.min().item(), 1e-3))
+
+
+def _region(region: Sequence[slice] | None, shape: Sequence[int]) -> tuple[slice, slice, slice]:
+    region = tuple(region or ())
+    if len(region) > 3:
+        raise SpadkitError(f"region {region} has more than 3 axes", fix="pass (z, y, x) slices, e.g. (slice(40, 48),) for a slab.")
+    boxes = []
+    for s, n in zip(region + (slice(None),) * (3 - len(region)), shape):
+        start, stop, step = s.indices(n)
+        if step != 1 or stop <= start:
+            raise SpadkitError(f"region {region} is empty or strided on a grid {tuple(shape)}", fix="pass non-empty slices with step 1 inside the image.")
+        boxes.append(slice(start, stop))
+    return tuple(boxes)
+
+
+def _flip_sets(flips: bool | Iterable[Sequence[int]], depth: int) -> list[tuple[int, ...]]:
+    """Identity plus the flips (spatial axes 0=Z, 1=Y, 2=X); ``True``: every combination (Z only in 3D)."""
+    if flips is True:
+        axes = (0, 1, 2) if depth > 1 else (1, 2)
+        return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+    return [(), *(tuple(f) for f in (flips or ()) if tuple(f))]
+
+
+def _read_window(array: Any, box: Sequence[slice], window: Sequence[int]) -> torch.Tensor:
+    """``(C, *window)`` float32 window; beyond the image (only when the image is smaller) zero-padded at the end."""
+    part = torch.as_tensor(np.asarray(array[(slice(None), *box)]), dtype=torch.float32)
+    pad = [w - n for w, n in zip(window, part.shape[1:])]
+    return F.pad(part, (0, pad[2], 0, pad[1], 0, pad[0])) if any(pad) else part
+
+
+def _to_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes; a one-channel output is a sigmoid foreground, returned as 2 classes."""
+    if logits.shape[1] == 1:
+        fg = logits.sigmoid()
+        return torch.cat([1 - fg, fg], dim=1)
+    return logits.softmax(dim=1)
+
+
+def _flip_averaged(model: Callable[..., torch.Tensor], batch: torch.Tensor, spacing: torch.Tensor, flip_sets: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """Mean probabilities ``(B, K, z, y, x)`` over the flips (each prediction flipped back)."""
+    total = None
+    for axes in flip_sets:
+        dims = [2 + a for a in axes]
+        probs = _to_probs(model(batch.flip(dims), spacing)).flip(dims) if dims else _to_probs(model(batch, spacing))
+        total = probs.float() if total is None else total + probs.float()
+    return total / len(flip_sets)
+
+
+def _check_model_input(model: nn.Module, channels: int) -> None:
+    expected = getattr(model, "in_chans", None)
+    if expected is not None and expected != channels:
+        raise SpadkitError(
+            f"the model takes {expected}-channel images, this image has {channels}",
+            fix=f"pass a {expected}-channel image (select or stack channels), or fine-tune a model with in_chans={channels}.",
+        )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module | Callable[..., torch.Tensor],
+    image: Any,
+    spacing: Sequence[float] | None = None,
+    *,
+    window: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    flips: bool | Iterable[Sequence[int]] = (),
+    region: Sequence[slice] | None = None,
+    batch_size: int = 1,
+    out: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Prediction:
+    """Sliding-window prediction (see the module docstring).
+
+    Args:
+        model: ``model(x (B, C, z, y, x), spacing) -> (B, K, z, y, x)`` logits; switched to eval mode.
+        image: ``(C, Z, Y, X)`` numpy/zarr/dask array or tensor, or a ``Volume``.
+        spacing: ``(Z, Y, X)`` mm (a ``Volume``'s own when omitted).
+        window: voxels ``(z, y, x)``, multiples of the patch (default :func:`default_window`).
+        overlap: share of a window overlapping its neighbour, in ``[0, 1)``.
+        flips: test-time flips, e.g. ``[(2,), (1,)]`` (axes 0=Z, 1=Y, 2=X), or ``True`` for all.
+        region: ``(z, y, x)`` slices to predict (default: everything).
+        batch_size: windows per forward pass.
+        out: arrays to write into (``probs`` ``(K, Z, Y, X)``, ``labels`` and ``uncertainty``
+            ``(Z, Y, X)``; full-grid shape, e.g. zarr arrays); only ``region`` is written.
+            Default: new numpy arrays of the region's shape.
+        device: where the model runs.
+        progress: called as ``progress(done, total)`` after every batch of windows.
+
+    Raises:
+        SpadkitError: the channel count does not match the model, a bad window, region or overlap.
+    """
+    array, spacing = image_and_spacing(image, spacing)
+    channels, shape = array.shape[0], tuple(array.shape[1:])
+    _check_model_input(model, channels)
+    if not 0.0 <= overlap < 1.0:
+        raise SpadkitError(f"overlap must lie in [0, 1), got {overlap}", fix="use e.g. overlap=0.25 (MONAI's default) or 0.5.")
+    patch = patch_shape(batch_level(spacing, shape[0]))
+    window = default_window(shape, spacing) if window is None else tuple(int(w) for w in window)
+    if len(window) != 3 or any(w <= 0 or w % p for w, p in zip(window, patch)):
+        rounded = tuple(max(p, math.ceil(w / p) * p) for w, p in zip(window, patch))
+        raise SpadkitError(f"window {window} is not a multiple of the patch {patch} at spacing {spacing}", fix=f"use window={rounded}.")
+    box = _region(region, shape)
+    flip_sets = _flip_sets(flips, shape[0])
+    starts = [window_starts(n, w, overlap) for n, w in zip(shape, window)]
+    touching = [[s for s in axis if s < b.stop and s + w > b.start] for axis, b, w in zip(starts, box, window)]
+    weights = importance_map(window).to(device)
+    if isinstance(model, nn.Module):
+        model.eval()
+    spacing_t = torch.tensor(spacing, dtype=torch.float32)
+    writer = _Writer(out, box)
+    total = len(touching[0]) * len(touching[1]) * len(touching[2])
+    done = 0
+    for zi, z0 in enumerate(touching[0]):
+        planes = [(z0, y0, x0) for y0 in touching[1] for x0 in touching[2]]
+        for i in range(0, len(planes), batch_size):
+            corners = planes[i : i + batch_size]
+            batch = torch.stack([_read_window(array, [slice(c, c + w) for c, w in zip(corner, window)], window) for corner in corners]).to(device)
+            probs = _flip_averaged(model, batch, spacing_t, flip_sets) * weights
+            for corner, p in zip(corners, probs.cpu()):
+                writer.add(p, corner, weights.cpu())
+            done += len(corners)
+            if progress is not None:
+                progress(done, total)
+        next_z = touching[0][zi + 1] if zi + 1 < len(touching[0]) else box[0].stop
+        writer.flush(until=next_z)
+    return Prediction(*writer.outputs(), region=box, windows=total)
+
+
+class _Writer:
+    """Accumulates weighted window probabilities over a band of Z rows of the region and writes out
+    rows once no later window reaches them."""
+
+    def __init__(self, out: Mapping[str, Any] | None, box: tuple[slice, slice, slice]):
+        self.box, self.out, self.offset = box, out, (0, 0, 0) if out is None else tuple(b.start for b in box)
+        self.lo = box[0].start  # first row not yet written
+        self.acc: torch.Tensor | None = None  # (K, rows, y, x) from row self.lo
+        self.weight = torch.zeros(0, *(b.stop - b.start for b in box[1:]))
+
+    def add(self, probs: torch.Tensor, corner: Sequence[int], weights: torch.Tensor) -> None:
+        """Add one window's weighted probabilities ``(K, wz, wy, wx)`` whose first voxel is ``corner``."""
+        src, dst = [], []
+        for axis, (c, n, b) in enumerate(zip(corner, probs.shape[1:], self.box)):
+            lo, hi = max(c, b.start), min(c + n, b.stop)
+            src.append(slice(lo - c, hi - c))
+            dst.append(slice(lo - (self.lo if axis == 0 else b.start), hi - (self.lo if axis == 0 else b.start)))
+        if self.acc is None:
+            self.acc = torch.zeros(probs.shape[0], 0, *self.weight.shape[1:])
+        rows = dst[0].stop
+        if rows > self.acc.shape[1]:
+            grow = rows - self.acc.shape[1]
+            self.acc = torch.cat([self.acc, self.acc.new_zeros(self.acc.shape[0], grow, *self.acc.shape[2:])], dim=1)
+            self.weight = torch.cat([self.weight, self.weight.new_zeros(grow, *self.weight.shape[1:])], dim=0)
+        self.acc[(slice(None), *dst)] += probs[(slice(None), *src)]
+        self.weight[tuple(dst)] += weights[tuple(src)]
+
+    def flush(self, until: int) -> None:
+        """Normalise and write rows ``[lo, until)`` of the region (clamped to what was accumulated)."""
+        if self.acc is None:
+            return
+        count = min(max(until, self.lo), self.lo + self.acc.shape[1]) - self.lo
+        if count <= 0:
+            return
+        probs = self.acc[:, :count] / self.weight[:count]
+        labels = probs.argmax(0)
+        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(0)
+        self._write(probs.numpy(), labels.numpy(), entropy.numpy(), self.lo)
+        self.acc, self.weight = self.acc[:, count:], self.weight[count:]
+        self.lo += count
+
+    def _write(self, probs: np.ndarray, labels: np.ndarray, entropy: np.ndarray, z: int) -> None:
+        if self.out is None:
+            self.out = self._allocate(probs.shape[0], labels.dtype)
+        oz = z - self.box[0].start + self.offset[0]
+        rows = slice(oz, oz + len(labels))
+        ys, xs = (slice(o, o + b.stop - b.start) for b, o in zip(self.box[1:], self.offset[1:]))
+        self.out["probs"][:, rows, ys, xs] = probs
+        self.out["labels"][rows, ys, xs] = labels
+        self.out["uncertainty"][rows, ys, xs] = entropy
+
+    def _allocate(self, num_classes: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+        shape = tuple(b.stop - b.start for b in self.box)
+        label_dtype = np.uint8 if num_classes <= 256 else np.int32
+        return {"probs": np.zeros((num_classes, *shape), np.float32), "labels": np.zeros(shape, label_dtype), "uncertainty": np.zeros(shape, np.float32)}
+
+    def outputs(self) -> tuple[Any, Any, Any]:
+        return self.out["probs"], self.out["labels"], self.out["uncertainty"]
+
+
+# ---------------------------------------------------------------------- the store
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_prediction(store: Any, case_id: str, prediction: Prediction, *, checkpoint: str | os.PathLike | None = None, model_name: str = "", author: str = "spadkit predict") -> dict[str, int]:
+    """Write a full-grid prediction into an ``OMEZarrStore`` as label groups ``pred`` (the label map) and
+    ``uncertainty`` (entropy as a percentage of its maximum ``log K``, 0..100: NGFF labels are integers).
+
+    Each becomes a new label version whose message records the provenance (model, checkpoint SHA-256);
+    the store records the time and author. Returns ``{"pred": version, "uncertainty": version}``.
+
+    Raises:
+        SpadkitError: the prediction covers only a region (the store keeps whole-grid versions).
+    """
+    from spadkit.io.omezarr import now_iso
+    from spadkit.volume import LabelVolume
+
+    image = store.read_image(case_id)
+    if tuple(b.stop - b.start for b in prediction.region) != tuple(image.spatial_shape) or tuple(np.shape(prediction.labels)) != tuple(image.spatial_shape):
+        raise SpadkitError(
+            f"the prediction covers {prediction.region}, not the whole grid {image.spatial_shape} of {case_id}",
+            fix="predict the whole volume (region=None) before saving it as a label version.",
+        )
+    provenance = {"model": model_name, "predicted": now_iso(), "windows": prediction.windows}
+    if checkpoint is not None:
+        provenance.update(checkpoint=str(Path(checkpoint).name), checkpoint_sha256=file_sha256(checkpoint))
+    message = "prediction " + json.dumps(provenance, sort_keys=True)
+    num_classes = np.shape(prediction.probs)[0]
+    percent = np.rint(np.asarray(prediction.uncertainty) / math.log(max(num_classes, 2)) * 100).clip(0, 100).astype(np.uint8)
+    versions = {}
+    for name, data, classes in (("pred", np.asarray(prediction.labels), None), ("uncertainty", percent, {0: "certain", 100: "uniform"})):
+        versions[name] = store.save_label(case_id, LabelVolume(data, image.affine, classes=classes), name, author=author, message=message)
+    return versions
