@@ -155,7 +155,7 @@ def test_nifti_within_budget_still_reads(tmp_path, small_budget, rng):
 
 def test_nrrd_gzip_claiming_more_than_budget_refused(tmp_path, small_budget):
     path = tmp_path / "bomb.nrrd"
-    header = b"NRRD0004\ntype: float\ndimension: 3\nsizes: 512 512 512\nencoding: gzip\n\n"
+    header = b"NRRD0004\ntype: float\ndimension: 3\nsizes: 512 512 512\nendian: little\nencoding: gzip\n\n"
     path.write_bytes(header + gzip.compress(bytes(1 << 20)))
     assert "512x512x512 voxels of float32, 512 MiB" in str(_refused(path))
 
@@ -324,3 +324,25 @@ def test_nrrd_missing_data_file_is_corrupt(tmp_path):
 def test_nrrd_attached_data_source_is_the_file(tmp_path, rng):
     nrrd.write(str(tmp_path / "a.nrrd"), rng.normal(size=(3, 4, 5)).astype(np.float32))
     assert read_volume(tmp_path / "a.nrrd").meta["sources"] == [str(tmp_path / "a.nrrd")]
+
+
+def test_dicom_trailing_padding_shorter_than_a_frame_read_with_warning(pydicom_data):
+    path = pydicom_data / "MR_small_padded.dcm"  # 128 bytes after a 64 x 64 x 16-bit image
+    with pytest.warns(UserWarning, match=r"MR_small_padded.dcm: 128 bytes of padding"):
+        vol = read_volume(path)
+    np.testing.assert_array_equal(vol.numpy()[0, 0], pydicom.dcmread(path).pixel_array)
+
+
+def test_every_pydicom_test_file_reads_or_raises_a_clear_error(pydicom_data, recwarn):
+    """No raw AttributeError/RuntimeError/InvalidDicomError from real files, readable or not."""
+    outcomes = {}
+    for path in sorted(pydicom_data.rglob("*.dcm")):
+        try:
+            outcomes[path.name] = read_volume(path).shape
+        except SpadkitError as err:
+            assert err.path == str(path) and err.fix
+            outcomes[path.name] = type(err).__name__
+    assert outcomes["CT_small.dcm"] == (1, 1, 128, 128)
+    assert outcomes["badVR.dcm"] == outcomes["no_meta.dcm"] == "CorruptFileError"
+    assert outcomes["rtplan.dcm"] == "CorruptFileError"  # no pixel data
+    assert sum(isinstance(v, tuple) for v in outcomes.values()) >= 40

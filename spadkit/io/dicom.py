@@ -34,7 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from spadkit.errors import CorruptFileError, InvalidImageError
+from spadkit.errors import CorruptFileError, InvalidImageError, UnsupportedFormatError
 from spadkit.io._guard import TRUNCATED_FIX, reading
 from spadkit.io.budget import check_decoded_size
 from spadkit.volume import Volume, affine_from_spacing
@@ -77,12 +77,13 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Vol
             missing slices, inconsistent slice geometry.
     """
     path = Path(path)
-    if path.is_dir():
-        headers = _series_headers(path, series_uid)
-        if len(headers) == 1:
-            return _read_single_file(headers[0][0])
-        return _read_series(headers, path)
-    return _read_single_file(path)
+    with reading(str(path), "unreadable DICOM header values"):  # e.g. a Rows of '1A'
+        if path.is_dir():
+            headers = _series_headers(path, series_uid)
+            if len(headers) == 1:
+                return _read_single_file(headers[0][0])
+            return _read_series(headers, path)
+        return _read_single_file(path)
 
 
 # --------------------------------------------------------------------------- series
@@ -231,20 +232,38 @@ def _frame_positions(header: Dataset, per_frame: Sequence[Dataset] | None, frame
 
 def _with_pixels(path: Path) -> Dataset:
     with reading(str(path), "not a readable DICOM file"):
-        return pydicom.dcmread(path)
+        try:
+            return pydicom.dcmread(path)
+        except InvalidDicomError as err:
+            raise CorruptFileError(
+                f"not a DICOM Part 10 file ({err})",
+                path=path,
+                fix="export it again as a DICOM file (128-byte preamble and 'DICM' marker); a raw dataset can be "
+                "converted with pydicom.dcmread(path, force=True).save_as(new_path, enforce_file_format=True).",
+            ) from None
 
 
 def _pixels(path: Path, ds: Dataset) -> np.ndarray:
     """Pixel data in real units as ``(C, Z, Y, X)``; Z is the frame count. MONOCHROME1 is inverted."""
+    missing = [tag for tag in ("PixelData", "Rows", "Columns", "BitsAllocated") if ds.get(tag) is None]
+    if missing:
+        raise CorruptFileError(f"the image lacks {', '.join(missing)}", path=path, fix=TRUNCATED_FIX)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1))
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    check_decoded_size((samples, frames, rows, cols), _output_dtype(ds), path)
-    with reading(str(path), "pixel data could not be decoded"):
-        if "PixelData" not in ds:
-            raise CorruptFileError("the file has no pixel data", path=path, fix=TRUNCATED_FIX)
-        _check_native_length(ds, frames * samples * rows * cols, path)
-        raw = ds.pixel_array
+    check_decoded_size((samples, frames, int(ds.Rows), int(ds.Columns)), _output_dtype(ds), path)
+    _check_native_length(ds, frames * samples * int(ds.Rows) * int(ds.Columns), path)
+    with reading(str(path), "pixel data could not be decoded"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*excess padding", category=UserWarning)  # warned above, naming the file
+        try:
+            raw = ds.pixel_array
+        except RuntimeError as err:  # pydicom: no installed decoder handles this transfer syntax
+            syntax = ds.file_meta.get("TransferSyntaxUID")
+            raise UnsupportedFormatError(
+                f"pixel data in {getattr(syntax, 'name', syntax)} cannot be decoded here ({str(err).splitlines()[0]})",
+                path=path,
+                fix="install a pydicom decoder plugin for it (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, "
+                "or python-gdcm), or convert the file to uncompressed DICOM (e.g. gdcmconv --raw).",
+            ) from None
     if samples > 1:  # colour: (..., Y, X, S) -> (S, Z, Y, X)
         raw = raw.reshape((frames, *raw.shape[-3:])).transpose(3, 0, 1, 2)
     else:
@@ -273,22 +292,29 @@ def _output_dtype(ds: Dataset) -> np.dtype:
 
 
 def _check_native_length(ds: Dataset, samples_total: int, path: Path) -> None:
-    """Refuse uncompressed pixel data longer than the header's image size (compressed data are not checked)."""
+    """Refuse uncompressed pixel data holding a whole frame more than the header declares.
+
+    Less than a frame of excess is trailing padding: pydicom drops it and spadkit
+    warns. Compressed data are not checked (their length says nothing).
+    """
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+    if syntax is None or syntax.is_compressed:
         return
-    bits = int(ds.get("BitsAllocated", 16) or 16)
+    bits = int(ds.BitsAllocated)
     expected = -(-samples_total * bits // 8)
-    actual = len(ds.PixelData)
-    if actual > expected + expected % 2:  # one pad byte makes an odd length even
+    excess = len(ds.PixelData) - expected - expected % 2  # one pad byte makes an odd length even
+    frame_bytes = expected // int(ds.get("NumberOfFrames", 1) or 1)
+    if excess >= frame_bytes:
         raise CorruptFileError(
-            f"pixel data holds {actual} bytes, more than the {expected} that Rows x Columns x frames x samples "
-            f"({ds.get('Rows')} x {ds.get('Columns')} x {ds.get('NumberOfFrames', 1) or 1} x {ds.get('SamplesPerPixel', 1)}) "
+            f"pixel data holds {len(ds.PixelData)} bytes, more than the {expected} that Rows x Columns x frames x samples "
+            f"({ds.Rows} x {ds.Columns} x {ds.get('NumberOfFrames', 1) or 1} x {ds.get('SamplesPerPixel', 1)}) "
             f"at {bits} bits give",
             path=path,
-            fix="the header and the pixel data disagree (wrong Rows/Columns/NumberOfFrames, or extra data); "
+            fix="the header and the pixel data disagree (wrong Rows/Columns/NumberOfFrames, or extra frames); "
             "export the image again or correct the header.",
         )
+    if excess > 0:
+        warnings.warn(f"{path}: {excess} bytes of padding after the pixel data are ignored", stacklevel=4)
 
 
 def _functional_group(ds: Dataset, keyword: str) -> Dataset | None:
