@@ -115,7 +115,7 @@ def _flip_affines(batch: dict[str, Any], rows: torch.Tensor, axis: int, size: in
     flipped array axis now holds what was at ``size - 1 - i``."""
     affine = batch["affine"]
     rows = rows.to(affine.device)
-    column = 2 - axis  # array axes (Z, Y, X) are the affine's voxel axes (z, y, x) = columns 2, 1, 0
+    column = axis  # batch affines follow the array axes (MONAI's convention, spadkit.data.geometry)
     flipped = affine[rows].clone()
     flipped[:, :3, 3] += flipped[:, :3, column] * (size - 1)
     flipped[:, :3, column] *= -1
@@ -127,12 +127,12 @@ def _flip_affines(batch: dict[str, Any], rows: torch.Tensor, axis: int, size: in
 def batch_seed(seed: int, batch: dict[str, Any]) -> int:
     """A 63-bit seed for random draws on a batch (augmentation, masks).
 
-    Uses the batch's global ``draw`` ``(epoch, group, step)`` from
-    :class:`~spadkit.data.PatchStream`, which differs between DDP ranks and is the
-    same when a run resumes or a fixed validation epoch replays; a hand-made batch
-    without it falls back to its ``position`` (or zeros).
+    Uses the batch's global draw key ``(epoch, group, step)`` from its ``stream``
+    entry (:class:`~spadkit.data.PatchStream`), which differs between DDP ranks and
+    is the same when a run resumes or a fixed validation epoch replays; a hand-made
+    batch without it draws as ``(0, 0, 0)``.
     """
-    key = batch.get("draw", batch.get("position"))
-    values = [0, 0, 0] if key is None else [int(v) for v in key]
+    stream = batch.get("stream")
+    values = [0, 0, 0] if stream is None else [int(stream[key][0]) for key in ("epoch", "group", "step")]
     digest = hashlib.sha256(repr((int(seed), values)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spadkit.models.spad import MAX_LEVEL, anisotropy_level, total_stride
+
 Shape3 = tuple[int, int, int]
 Spacing3 = tuple[float, float, float]
 Multiple = int | Sequence[int] | Callable[[Spacing3], Sequence[int]]
@@ -31,7 +33,7 @@ Multiple = int | Sequence[int] | Callable[[Spacing3], Sequence[int]]
 class PatchSize:
     """How big a training patch is, as a function of the case's spacing.
 
-    Give exactly one of ``voxels`` and ``mm``.
+    Give exactly one of ``voxels``, ``mm`` and ``tokens``.
 
     Args:
         voxels: patch edge in voxels ``(Z, Y, X)`` (or one int for a cube). With
@@ -40,31 +42,77 @@ class PatchSize:
             32 x 96 x 96 on a 3 x 1 x 1 mm volume. With ``spacing_aware=False`` every
             case gets exactly this many voxels.
         mm: physical patch extent ``(Z, Y, X)`` in mm (always spacing-aware).
+        tokens: a fixed token grid ``(Z, Y, X)``, as PUMIT crops: every patch has
+            ``tokens * multiple(spacing)`` voxels (``(5, 10, 10)`` tokens are
+            80 x 160 x 160 voxels at 1 mm, 20 x 160 x 160 at 0.75 x 0.75 x 3 mm), and
+            cases of anisotropy level 5 (2D images and slice/pixel ratios >= 32) get one
+            depth token. The crop's physical size is set by a random ``zoom`` (see below):
+            the stream reads ``zoom`` times the voxels and resamples them to the grid.
         spacing_aware: see ``voxels``.
         multiple: every patch edge is rounded to a multiple of this, per axis: an int,
             a ``(Z, Y, X)`` tuple, or a function of the spacing returning one (the
             model's total stride from its spacing rule, so the token grid is whole).
+            With ``tokens`` it is the voxels per token and defaults to
+            :func:`spadkit.models.total_stride` (SPAD-ViT's stride-16 embedding).
+        zoom: in-plane zoom range of ``tokens`` crops (PUMIT: 0.75-2): each crop covers
+            ``zoom`` times the stored voxels in Y and X (bounded by the case's in-plane
+            size), so a zoom of 2 halves the resolution.
+        zoom_prob: probability of an in-plane zoom (else 1; PUMIT 0.5).
+        zoom_z: depth zoom range (PUMIT: 0.8-1.25), drawn only for near-isotropic
+            cases (slice spacing <= ``isotropic_ratio`` x pixel spacing).
+        zoom_z_prob: probability of a depth zoom for such cases (PUMIT 0.3).
+        isotropic_ratio: see ``zoom_z`` (PUMIT 1.5).
 
-    A 2D image (one slice) always gets a one-slice patch.
+    A 2D image (one slice) always gets a one-slice patch. Unlike PUMIT, a zoom never
+    moves a case to another anisotropy level: where PUMIT's draw would, the zoom
+    range is narrowed to the case's level, so a case's voxel shape and level are
+    fixed and the epoch plan can batch cases before reading them.
     """
 
     voxels: int | Sequence[int] | None = None
     mm: float | Sequence[float] | None = None
+    tokens: int | Sequence[int] | None = None
     spacing_aware: bool = True
     multiple: Multiple = 1
+    zoom: tuple[float, float] = (0.75, 2.0)
+    zoom_prob: float = 0.5
+    zoom_z: tuple[float, float] = (0.8, 1.25)
+    zoom_z_prob: float = 0.3
+    isotropic_ratio: float = 1.5
 
     def __post_init__(self) -> None:
-        if (self.voxels is None) == (self.mm is None):
-            raise ValueError("give the patch size either in voxels or in mm, not both or neither")
-        size = self.voxels if self.voxels is not None else self.mm
-        for value in _triple(size):
+        given = [v for v in (self.voxels, self.mm, self.tokens) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give the patch size in exactly one of voxels, mm or tokens")
+        for value in _triple(given[0]):
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"patch sizes must be positive, got {size}")
+                raise ValueError(f"patch sizes must be positive, got {given[0]}")
+        if self.tokens is not None and any(int(t) != t for t in _triple(self.tokens)):
+            raise ValueError(f"tokens must be whole numbers, got {self.tokens}")
+        for name, (lo, hi) in (("zoom", self.zoom), ("zoom_z", self.zoom_z)):
+            if not 0 < lo <= hi < math.inf:
+                raise ValueError(f"{name} must be a range (low, high) with 0 < low <= high, got {(lo, hi)}")
+        for name, p in (("zoom_prob", self.zoom_prob), ("zoom_z_prob", self.zoom_z_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p}")
+
+    def level_for(self, spacing: Sequence[float], spatial_shape: Sequence[int]) -> int:
+        """SPAD anisotropy level of a case (5 for a one-slice image), see :func:`spadkit.models.anisotropy_level`."""
+        return anisotropy_level(spacing, is_2d=spatial_shape[0] == 1)
 
     def shape_for(self, spacing: Sequence[float], spatial_shape: Sequence[int]) -> Shape3:
         """Patch shape ``(Z, Y, X)`` in voxels for a case of this spacing and shape."""
         is_2d = spatial_shape[0] == 1
         spacing = tuple(float(s) for s in spacing)
+        if self.tokens is not None:
+            stride = _multiple(total_stride if self.multiple == 1 else self.multiple, spacing)
+            tokens = [int(t) for t in _triple(self.tokens)]
+            if self.level_for(spacing, spatial_shape) == MAX_LEVEL:
+                tokens[0] = 1
+            shape = [t * s for t, s in zip(tokens, stride)]
+            if is_2d:
+                shape[0] = 1
+            return (int(shape[0]), int(shape[1]), int(shape[2]))
         multiple = _multiple(self.multiple, spacing)
         if self.mm is not None:
             voxels = [e / s for e, s in zip(_triple(self.mm), spacing)]
@@ -77,6 +125,42 @@ class PatchSize:
         if is_2d:
             shape[0] = 1
         return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+    def draw_zoom(self, spacing: Sequence[float], spatial_shape: Sequence[int], rng: np.random.Generator) -> Spacing3:
+        """PUMIT's random zoom ``(z, y, x)`` of one ``tokens`` crop (``(1, 1, 1)`` in the other modes).
+
+        The crop covers ``zoom * patch`` stored voxels. In-plane: with probability
+        ``zoom_prob`` uniform in ``zoom``, its top capped at the case's in-plane size
+        over the patch's (PUMIT's bound; a case smaller than the patch draws between
+        the cap and ``zoom[0]``). Depth: with probability ``zoom_z_prob`` uniform in
+        ``zoom_z`` for near-isotropic 3D cases. The in-plane draw is then narrowed to
+        the zooms that keep the case's anisotropy level (see the class docstring).
+        """
+        if self.tokens is None:
+            return (1.0, 1.0, 1.0)
+        z, y, x = (float(s) for s in spacing)
+        is_2d = spatial_shape[0] == 1
+        patch = self.shape_for(spacing, spatial_shape)
+        inplane_on, depth_on = rng.random() < self.zoom_prob, rng.random() < self.zoom_z_prob
+        u_inplane, u_depth = rng.random(), rng.random()
+        zoom_z = 1.0
+        if depth_on and not is_2d and z <= self.isotropic_ratio * min(y, x):
+            zoom_z = self.zoom_z[0] + u_depth * (self.zoom_z[1] - self.zoom_z[0])
+        if not inplane_on:
+            return (zoom_z, 1.0, 1.0)
+        cap = min(s / p for s, p in zip(spatial_shape[1:], patch[1:]))
+        lo, hi = sorted((self.zoom[0], min(self.zoom[1], cap)))
+        if not is_2d:  # keep floor(log2(ratio)) of the zoomed spacing, with a margin for rounding
+            level = self.level_for(spacing, spatial_shape)
+            ratio = z * zoom_z / min(y, x)
+            if level < MAX_LEVEL:
+                lo = max(lo, ratio / 2 ** (level + 1) * (1 + 1e-3))
+            if level > 0:
+                hi = min(hi, ratio / 2**level * (1 - 1e-3))
+            if lo > hi:
+                return (zoom_z, 1.0, 1.0)
+        zoom_xy = lo + u_inplane * (hi - lo)
+        return (zoom_z, zoom_xy, zoom_xy)
 
 
 def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:

@@ -84,6 +84,9 @@ class CaseInfo:
     all_chunks_written: bool = False
     """Ingest wrote every chunk, so a missing chunk file means lost data (older stores
     skipped all-zero chunks, which then read as zeros)."""
+    spacing_assumed: bool = False
+    """The reader assumed the pixel size (PNG/JPEG 1 mm, TIFF without resolution), so
+    ``spacing`` is in voxels, not measured mm (case attrs ``spacing_assumed``)."""
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -163,6 +166,7 @@ def _case_info(store: OMEZarrStore, case_id: str, dataset: str, spec: DatasetSou
         storage_options=spec.storage_options,
         pyramid_factors=tuple(tuple(int(f) for f in level) for level in factors),
         all_chunks_written=bool(attrs.get("all_chunks_written", False)),
+        spacing_assumed=bool(attrs.get("spacing_assumed", False)),
     )
 
 

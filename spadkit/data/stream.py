@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from spadkit.data.cache import ChunkCache
+from spadkit.data.geometry import margins, patch_affine, resample, zoomed_window
 from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
 from spadkit.data.patches import coarse_axis_first as coarse_axis_first_of
 from spadkit.data.plan import BatchSpec, EpochPlan, make_plan
@@ -91,15 +93,29 @@ class PatchStream(IterableDataset):
             X (sagittal/coronal stacks in RAS stores) so the coarse axis comes first, as
             the spacing rule expects; ``spacing`` and ``affine`` follow the transposition.
 
-    Each batch is a dict: ``image`` ``(B, C, Z, Y, X)`` float32; ``label``
-    ``(B, 1, Z, Y, X)`` int64 when the sources have a ``label``; ``spacing``
-    ``(B, 3)`` mm ``(Z, Y, X)`` of the patch's axes; ``axes`` ``(B, 3)``: patch axis
-    ``i`` is stored axis ``axes[i]`` (see ``coarse_axis_first``); ``start`` ``(B, 3)``
-    stored voxel ``(z, y, x)`` of the patch corner in the case (negative where padded); ``origin`` ``(B, 3)`` RAS mm
-    ``(x, y, z)`` of that corner voxel; ``affine`` ``(B, 4, 4)`` of the patch;
-    ``case_id``, ``dataset``, ``modality``: lists of B; ``position``: ``(epoch, index)``
-    on this rank (for resuming); ``draw``: ``(epoch, group, step)``, the same on every
-    rank layout (seeds augmentation and masks, :func:`~spadkit.data.augment.batch_seed`).
+    Each batch is a dict:
+
+    * ``image`` ``(B, C, Z, Y, X)`` float32; ``label`` ``(B, 1, Z, Y, X)`` int64 when
+      the sources have a ``label``;
+    * ``spacing`` ``(B, 3)`` float64 mm ``(Z, Y, X)`` of the delivered voxels (after a
+      token-grid crop's zoom); ``zoom`` ``(B, 3)``: delivered over stored spacing
+      (1 where nothing was resampled); ``level`` ``(B,)`` int64: the SPAD anisotropy
+      level, equal within a batch; ``spacing_assumed`` ``(B,)`` bool: the pixel size
+      was assumed at ingest (a PNG's 1 mm), so its mm are not physical;
+    * ``axes`` ``(B, 3)``: patch axis ``i`` is stored axis ``axes[i]`` (see
+      ``coarse_axis_first``); ``start`` ``(B, 3)`` stored voxel ``(z, y, x)`` of the
+      read window's corner (negative where padded);
+    * ``affine`` ``(B, 4, 4)`` float64 in MONAI's convention (columns follow the
+      patch's array axes Z, Y, X: ``MetaTensor(image[b], affine=affine[b])``, see
+      :mod:`.geometry`); ``origin`` ``(B, 3)`` RAS mm of voxel ``[0, 0, 0]``;
+    * ``case_id``, ``dataset``, ``modality``: lists of B;
+    * ``stream``: where the batch sits in the stream, ``{"epoch", "index", "group",
+      "step"}``, each a list of B equal Python ints: ``epoch`` and ``index`` are the
+      batch's place on this rank (for resuming); ``(epoch, group, step)`` is its global
+      draw key, the same on every rank layout (it seeds augmentation and masks,
+      :func:`~spadkit.data.augment.batch_seed`). Lists of B, so MONAI's
+      ``decollate_batch`` gives each item its own ints, and not tensors, so Lightning
+      leaves them on the host (reading them never waits for the GPU).
     """
 
     def __init__(
@@ -152,11 +168,17 @@ class PatchStream(IterableDataset):
             [self.patch_size.shape_for(_permuted(c.spacing, a), _permuted(c.spatial_shape, a)) for c, a in zip(cases, axes)]
             for cases, axes in zip(self.cases, self.axes)
         ]
-        #: Cases share a batch only with equal keys: channels, patch shape, whether labels are read.
-        self.batch_keys = [
-            [(case.shape[0], *shape, case.label is not None) for case, shape in zip(cases, shapes)]
-            for cases, shapes in zip(self.cases, self.patch_shapes)
+        self.levels = [
+            [self.patch_size.level_for(_permuted(c.spacing, a), _permuted(c.spatial_shape, a)) for c, a in zip(cases, axes)]
+            for cases, axes in zip(self.cases, self.axes)
         ]
+        #: Cases share a batch only with equal keys: channels, anisotropy level, patch shape, whether
+        #: labels are read (two shapes can be equal at two levels: 2.5 mm slices at 0.62 and 0.65 mm pixels).
+        self.batch_keys = [
+            [(case.shape[0], level, *shape, case.label is not None) for case, level, shape in zip(cases, levels, shapes)]
+            for cases, levels, shapes in zip(self.cases, self.levels, self.patch_shapes)
+        ]
+        _warn_assumed_spacing(self.cases, self.patch_size)
         self.rank, self.world_size = distributed_rank() if rank is None else (rank, world_size or 1)
         self.fixed_epoch = fixed_epoch
         self._epoch = fixed_epoch or 0
@@ -225,6 +247,7 @@ class PatchStream(IterableDataset):
             [(c.store, c.case_id, c.level, c.label) for cases in self.cases for c in cases],
             self.patch_shapes,
             self.axes,
+            repr(self.patch_size),
             self.shares.round(12).tolist(),
             (self.batch_size, self.samples_per_case, self.visits_per_epoch, self.interleave, self.world_size),
             repr(self.sampler),
@@ -250,9 +273,9 @@ class PatchStream(IterableDataset):
             )
         self._epoch, self._next_batch = epoch, next_batch
 
-    def mark_consumed(self, position: Sequence[int]) -> None:
-        """Record that the batch at ``(epoch, index)`` was used; the next one follows it."""
-        epoch, index = int(position[0]), int(position[1])
+    def mark_consumed(self, stream: Mapping[str, Sequence[int]]) -> None:
+        """Record that the batch of ``batch["stream"]`` (its ``epoch`` and ``index``) was used; the next one follows it."""
+        epoch, index = int(stream["epoch"][0]), int(stream["index"][0])
         if self.fixed_epoch is not None or (epoch, index) < (self._epoch, self._next_batch - 1):
             return
         self._epoch, self._next_batch = epoch, index + 1
@@ -271,7 +294,7 @@ class PatchStream(IterableDataset):
             indices = range(start + worker.id, len(plan), worker.num_workers)
         for batch in self._produce(plan, indices):
             if worker is None and self.auto_mark:
-                self.mark_consumed(batch["position"])
+                self.mark_consumed(batch["stream"])
             yield batch
 
     def _produce(self, plan: EpochPlan, indices: range) -> Iterator[dict[str, Any]]:
@@ -313,23 +336,29 @@ class PatchStream(IterableDataset):
         pool = self._readers()
         cases = [self.cases[d][c] for d, c in spec.cases]
         shape = self.patch_shapes[spec.cases[0][0]][spec.cases[0][1]]
+        level = self.levels[spec.cases[0][0]][spec.cases[0][1]]
         image = torch.empty((len(cases), cases[0].shape[0], *shape), dtype=torch.float32)
         label = torch.empty((len(cases), 1, *shape), dtype=torch.int64) if cases[0].label is not None else None
         starts = np.empty((len(cases), 3), dtype=np.int64)
+        zooms = np.ones((len(cases), 3), dtype=np.float64)
         axes = [self.axes[d][c] for d, c in spec.cases]
         for slot, case in enumerate(cases):
             reader = pool.get(case)
-            stored_patch = _unpermuted(shape, axes[slot])
             rng = np.random.default_rng([self.seed, epoch, spec.group, spec.step, slot])
+            window = self._zoomed_window(case, axes[slot], shape, level, rng)
+            zooms[slot] = [w / n for w, n in zip(window, shape)]
             locations = reader.class_locations() if self.sampler.needs_labels else None
-            starts[slot] = self.sampler.start(case.spatial_shape, stored_patch, rng, locations)
-            _read_transposed(reader.read_image, starts[slot], image[slot].numpy(), axes[slot])
+            starts[slot] = self.sampler.start(case.spatial_shape, _unpermuted(window, axes[slot]), rng, locations)
+            _read_zoomed(reader.read_image, starts[slot], image[slot], axes[slot], window)
             if label is not None:
-                _read_transposed(reader.read_label, starts[slot], label[slot].numpy(), axes[slot])
-        affines = np.stack([_patch_affine(case, start, a) for case, start, a in zip(cases, starts, axes)])
+                _read_zoomed(reader.read_label, starts[slot], label[slot], axes[slot], window, labels=True)
+        affines = np.stack([patch_affine(case.affine, start, a, z) for case, start, a, z in zip(cases, starts, axes, zooms)])
         batch = {
             "image": image,
-            "spacing": torch.tensor([_permuted(c.spacing, a) for c, a in zip(cases, axes)], dtype=torch.float64),
+            "spacing": torch.tensor([_permuted(c.spacing, a) for c, a in zip(cases, axes)], dtype=torch.float64) * torch.from_numpy(zooms),
+            "zoom": torch.from_numpy(zooms),
+            "level": torch.full((len(cases),), level, dtype=torch.int64),
+            "spacing_assumed": torch.tensor([c.spacing_assumed for c in cases]),
             "axes": torch.tensor(axes),
             "start": torch.from_numpy(starts),
             "origin": torch.from_numpy(affines[:, :3, 3].copy()),
@@ -337,12 +366,19 @@ class PatchStream(IterableDataset):
             "case_id": [c.case_id for c in cases],
             "dataset": [c.dataset for c in cases],
             "modality": [c.modality for c in cases],
-            "position": torch.tensor([epoch, spec.index]),
-            "draw": torch.tensor([epoch, spec.group, spec.step]),
+            "stream": {key: [int(value)] * len(cases) for key, value in (("epoch", epoch), ("index", spec.index), ("group", spec.group), ("step", spec.step))},
         }
         if label is not None:
             batch["label"] = label
         return batch
+
+    def _zoomed_window(self, case: CaseInfo, axes: Sequence[int], shape: Sequence[int], level: int, rng: np.random.Generator) -> tuple[int, int, int]:
+        """The window ``(Z, Y, X)`` (patch axes) a crop reads: ``shape`` zoomed by :meth:`PatchSize.draw_zoom`,
+        or ``shape`` itself where rounding the window would change the case's anisotropy level."""
+        spacing, spatial = _permuted(case.spacing, axes), _permuted(case.spatial_shape, axes)
+        window = zoomed_window(shape, self.patch_size.draw_zoom(spacing, spatial, rng))
+        zoomed = [s * w / n for s, w, n in zip(spacing, window, shape)]
+        return window if self.patch_size.level_for(zoomed, spatial) == level else tuple(shape)
 
     def loader(self, num_workers: int = 0, **kwargs: Any) -> DataLoader:
         """A ``DataLoader`` over this stream that records consumed positions (for
@@ -364,19 +400,20 @@ class StreamLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in super().__iter__():
             if self.dataset.auto_mark:
-                self.dataset.mark_consumed(batch["position"])
+                self.dataset.mark_consumed(batch["stream"])
             yield batch
 
 
-def _patch_affine(case: CaseInfo, start: Sequence[int], axes: Sequence[int] = (0, 1, 2)) -> np.ndarray:
-    """Affine of a patch whose corner voxel is ``start`` (stored z, y, x) of the case and whose
-    array axis ``i`` is stored axis ``axes[i]``."""
-    affine = np.asarray(case.affine, dtype=np.float64)
-    patch = affine.copy()
-    patch[:3, 3] = affine[:3, :3] @ np.asarray(start[::-1], dtype=np.float64) + affine[:3, 3]
-    for i, stored in enumerate(axes):  # array axes (Z, Y, X) are the affine's voxel columns (2, 1, 0)
-        patch[:3, 2 - i] = affine[:3, 2 - stored]
-    return patch
+def _warn_assumed_spacing(cases: Sequence[Sequence[CaseInfo]], size: PatchSize) -> None:
+    """Physical patch sizes are not physical on cases whose pixel size was assumed at ingest."""
+    assumed = [c for dataset in cases for c in dataset if c.spacing_assumed]
+    if assumed and size.mm is not None:
+        warnings.warn(
+            f"{len(assumed)} case(s) (e.g. {assumed[0].case_id} of {assumed[0].dataset}) have an assumed pixel size "
+            f"{assumed[0].spacing[1:]} mm (no resolution in the file): PatchSize(mm=...) takes that many voxels per mm "
+            "there, which is not a physical size. Fix: give the patch in voxels or tokens, or re-ingest with the true spacing.",
+            stacklevel=3,
+        )
 
 
 def _permuted(values: Sequence, axes: Sequence[int]) -> tuple:
@@ -390,11 +427,26 @@ def _unpermuted(values: Sequence, axes: Sequence[int]) -> tuple:
     return tuple(out)
 
 
-def _read_transposed(read: Callable[[Sequence[int], np.ndarray], None], start: Sequence[int], out: np.ndarray, axes: Sequence[int]) -> None:
-    """``read`` a window into ``out`` ``(C, *patch)`` whose spatial axes are the stored axes ``axes``."""
-    if tuple(axes) == (0, 1, 2):
-        read(start, out)
+def _read_zoomed(
+    read: Callable[[Sequence[int], np.ndarray], None],
+    start: Sequence[int],
+    out: torch.Tensor,
+    axes: Sequence[int],
+    window: Sequence[int],
+    *,
+    labels: bool = False,
+) -> None:
+    """``read`` the stored window at ``start`` into ``out`` ``(C, *patch)``: its spatial axes are the
+    stored axes ``axes``, and a ``window`` (patch axes) other than the patch is resampled to it."""
+    patch = tuple(out.shape[1:])
+    if tuple(window) == patch and tuple(axes) == (0, 1, 2):
+        read(start, out.numpy())
         return
-    stored = np.empty((out.shape[0], *_unpermuted(out.shape[1:], axes)), dtype=out.dtype)
-    read(start, stored)
-    out[...] = stored.transpose(0, *(1 + a for a in axes))
+    margin = _unpermuted(margins(window, patch), axes)
+    stored = np.empty((out.shape[0], *(w + 2 * m for w, m in zip(_unpermuted(window, axes), margin))), dtype=out.numpy().dtype)
+    read([s - m for s, m in zip(start, margin)], stored)
+    stored = stored.transpose(0, *(1 + a for a in axes))
+    if tuple(window) == patch:
+        out.numpy()[...] = stored
+    else:
+        out.copy_(resample(stored, patch, window, labels=labels))

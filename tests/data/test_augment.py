@@ -10,14 +10,15 @@ from tests.data.conftest import make_stream
 
 
 def _batch(b=6, c=2, shape=(5, 7, 9), position=(0, 3), seed=0) -> dict:
+    """A batch whose draw key is ``(epoch, group) = position``."""
     g = torch.Generator().manual_seed(seed)
     image = torch.rand((b, c, *shape), generator=g)
     label = torch.randint(0, 3, (b, 1, *shape), generator=g)
-    return {"image": image, "label": label, "position": torch.tensor(position)}
+    return {"image": image, "label": label, "stream": {"epoch": [position[0]] * b, "index": [0] * b, "group": [position[1]] * b, "step": [0] * b}}
 
 
 def _clone(batch: dict) -> dict:
-    return {k: v.clone() for k, v in batch.items()}
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def test_flips_are_recorded_and_applied_to_image_and_label_alike():
@@ -128,26 +129,26 @@ def test_flips_keep_the_patch_affine_true_to_its_voxels():
         "image": torch.rand(b, 1, z, y, x),
         "affine": affine.expand(b, 4, 4).clone(),
         "origin": affine[:3, 3].expand(b, 3).clone(),
-        "position": torch.tensor([0, 5]),
+        "stream": {"epoch": [0] * b, "index": [5] * b, "group": [5] * b, "step": [0] * b},
     }
     original = batch["image"].clone()
     out = BatchAugment(flip_prob=1.0, gamma_prob=0.0, intensity_prob=0.0)(batch)
     zz, yy, xx = torch.meshgrid(torch.arange(z), torch.arange(y), torch.arange(x), indexing="ij")
-    voxels = torch.stack([xx.flatten(), yy.flatten(), zz.flatten(), torch.ones(z * y * x, dtype=torch.long)]).double()
+    voxels = torch.stack([zz.flatten(), yy.flatten(), xx.flatten(), torch.ones(z * y * x, dtype=torch.long)]).double()  # array order
     for sample in range(b):
         world_after = (out["affine"][sample] @ voxels)[:3]
         flipped_from = [(z - 1 - zz if out["augment"]["flip"][sample, 0] else zz), (y - 1 - yy if out["augment"]["flip"][sample, 1] else yy), (x - 1 - xx if out["augment"]["flip"][sample, 2] else xx)]
-        source = torch.stack([flipped_from[2].flatten(), flipped_from[1].flatten(), flipped_from[0].flatten(), torch.ones(z * y * x, dtype=torch.long)]).double()
+        source = torch.stack([flipped_from[0].flatten(), flipped_from[1].flatten(), flipped_from[2].flatten(), torch.ones(z * y * x, dtype=torch.long)]).double()
         torch.testing.assert_close(world_after, (affine @ source)[:3])
         torch.testing.assert_close(out["image"][sample, 0], original[sample, 0][tuple(flipped_from)])
         torch.testing.assert_close(out["origin"][sample], out["affine"][sample, :3, 3])
 
 
 def test_ranks_draw_different_augmentations_and_a_replay_draws_the_same(uniform_store):
-    """``position`` restarts at 0 on every rank; the global ``draw`` key does not."""
+    """The batch ``index`` restarts at 0 on every rank; the global draw key (epoch, group, step) does not."""
     firsts = [next(iter(make_stream(uniform_store, rank=rank, world_size=2))) for rank in (0, 1)]
-    assert firsts[0]["position"].tolist() == firsts[1]["position"].tolist()
-    assert firsts[0]["draw"].tolist() != firsts[1]["draw"].tolist()
+    assert firsts[0]["stream"]["index"][0] == firsts[1]["stream"]["index"][0] == 0
+    assert firsts[0]["stream"]["group"][0] != firsts[1]["stream"]["group"][0]
     augment = BatchAugment(flip_prob=0.5, gamma_prob=1.0, intensity_prob=1.0)
     params = [augment(batch)["augment"] for batch in firsts]
     assert not torch.equal(params[0]["scale"], params[1]["scale"])

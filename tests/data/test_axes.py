@@ -47,7 +47,7 @@ def test_a_sagittal_stack_is_streamed_thick_axis_first(sagittal_store):
         np.testing.assert_array_equal(batch["image"][0].numpy(), stored.transpose(0, 3, 1, 2))
         affine = batch["affine"][0].numpy()
         for i, j, k in [(0, 0, 0), (3, 5, 7), (1, 15, 2)]:  # patch voxel (Z', Y', X') = stored (x, z, y) offsets
-            world = affine @ [k, j, i, 1]
+            world = affine @ [i, j, k, 1]  # array order
             stored_voxel = [start[2] + i, start[1] + k, start[0] + j, 1]  # stored (x, y, z)
             np.testing.assert_allclose(world, case.affine @ stored_voxel)
 

@@ -24,14 +24,14 @@ class Tiny(L.LightningModule):
         self.val_positions: list[tuple[int, int]] = []
 
     def training_step(self, batch, batch_idx):
-        self.positions.append((batch["stream"]["epoch"], batch["stream"]["index"]))
+        self.positions.append((batch["stream"]["epoch"][0], batch["stream"]["index"][0]))
         self.sums.append(float(batch["image"].double().sum()))
         self.augments.append(batch.get("augment"))
         assert batch["image"].shape == (2, 1, 8, 8, 8)
         return self.conv(batch["image"]).mean()
 
     def validation_step(self, batch, batch_idx):
-        self.val_positions.append((batch["stream"]["epoch"], batch["stream"]["index"]))
+        self.val_positions.append((batch["stream"]["epoch"][0], batch["stream"]["index"][0]))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)

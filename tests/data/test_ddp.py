@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
             self.seen = []
 
         def training_step(self, batch, batch_idx):
-            self.seen.append({"position": batch["position"].tolist(), "cases": batch["case_id"]})
+            self.seen.append({"position": [batch["stream"]["epoch"][0], batch["stream"]["index"][0]], "cases": batch["case_id"]})
             return (self.weight - batch["image"].mean()) ** 2
 
         def configure_optimizers(self):

@@ -49,14 +49,14 @@ def test_resume_through_worker_processes(uniform_store, reference):
     first = make_stream(uniform_store)
     loader = first.loader(num_workers=2)
     taken = list(itertools.islice(loader, 3))
-    assert [b["position"].tolist() for b in taken] == [[0, 0], [0, 1], [0, 2]]
+    assert [[b["stream"]["epoch"][0], b["stream"]["index"][0]] for b in taken] == [[0, 0], [0, 1], [0, 2]]
     state = first.state_dict()
     assert (state["epoch"], state["next_batch"]) == (0, 3)
 
     resumed = make_stream(uniform_store)
     resumed.load_state_dict(state)
     rest = list(resumed.loader(num_workers=2))
-    assert [b["position"].tolist() for b in rest] == [[0, i] for i in range(3, 8)]
+    assert [[b["stream"]["epoch"][0], b["stream"]["index"][0]] for b in rest] == [[0, i] for i in range(3, 8)]
     for a, b in zip(rest, reference[3:8]):
         assert_batches_equal(a, b)
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["next_batch"] == 0

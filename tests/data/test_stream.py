@@ -15,8 +15,8 @@ from spadkit.data import (
     index_source,
 )
 from spadkit.data import reader as reader_module
+from spadkit.data.geometry import patch_affine
 from spadkit.data.reader import CaseReader
-from spadkit.data.stream import _patch_affine
 from spadkit.ingest import intensity_stats
 from spadkit.io import OMEZarrStore, read_volume
 from spadkit.volume import Volume
@@ -56,8 +56,8 @@ def _check_batch(batch, fixture, patch_shape=None) -> None:
         # the patch's affine maps its voxel (0, 0, 0) to the case's voxel `start`
         corner = case.affine @ np.array([start[2], start[1], start[0], 1.0])
         np.testing.assert_allclose(batch["origin"][i].numpy(), corner[:3])
-        np.testing.assert_allclose(batch["affine"][i, :3, :3].numpy(), case.affine[:3, :3])
-        np.testing.assert_allclose(batch["affine"][i].numpy() @ [3, 2, 1, 1], case.affine @ [start[2] + 3, start[1] + 2, start[0] + 1, 1])
+        np.testing.assert_allclose(batch["affine"][i, :3, :3].numpy(), case.affine[:3, 2::-1])  # columns in array order
+        np.testing.assert_allclose(batch["affine"][i].numpy() @ [1, 2, 3, 1], case.affine @ [start[2] + 3, start[1] + 2, start[0] + 1, 1])
 
 
 def test_patches_equal_the_window_they_claim(mixed_store):
@@ -196,8 +196,8 @@ def test_mixed_geometry_shards_evenly(mixed_store):
 def test_epochs_differ_and_repeat_with_the_seed(uniform_store):
     a = make_stream(uniform_store, seed=7)
     first, second = _epoch(a), _epoch(a)
-    assert [b["position"].tolist() for b in first] == [[0, i] for i in range(8)]
-    assert [b["position"].tolist() for b in second] == [[1, i] for i in range(8)]
+    assert [[b["stream"]["epoch"][0], b["stream"]["index"][0]] for b in first] == [[0, i] for i in range(8)]
+    assert [[b["stream"]["epoch"][0], b["stream"]["index"][0]] for b in second] == [[1, i] for i in range(8)]
     assert [b["start"].tolist() for b in first] != [b["start"].tolist() for b in second]
     again = make_stream(uniform_store, seed=7)
     for x, y in zip(first, _epoch(again)):
@@ -263,13 +263,11 @@ def test_mni_patches_are_96_cubes_of_the_template(mni_store):
 
 
 def test_patch_affine_of_an_oblique_case():
-    from spadkit.data.sources import CaseInfo
 
     affine = np.array([[0.0, 0.0, 2.0, -5.0], [0.0, -1.0, 0.0, 7.0], [3.0, 0.0, 0.0, 1.0], [0, 0, 0, 1]])
-    case = CaseInfo("d", "s", "c", (1, 4, 5, 6), (2.0, 1.0, 3.0), tuple(map(tuple, affine)), None, "int16", (), None, 0)
-    patch = _patch_affine(case, (2, -1, 3))  # (z, y, x)
-    for voxel in ([0, 0, 0], [1, 2, 3]):
-        np.testing.assert_allclose(patch @ [*voxel, 1], affine @ [voxel[0] + 3, voxel[1] - 1, voxel[2] + 2, 1])
+    patch = patch_affine(affine, (2, -1, 3))  # start (z, y, x)
+    for voxel in ([0, 0, 0], [1, 2, 3]):  # array order (z, y, x); the case affine takes (x, y, z)
+        np.testing.assert_allclose(patch @ [*voxel, 1], affine @ [voxel[2] + 3, voxel[1] - 1, voxel[0] + 2, 1])
 
 
 def test_patch_size_object_and_repr(uniform_store):
@@ -361,7 +359,7 @@ def test_rank_comes_from_the_environment_and_set_distributed(uniform_store, monk
 def test_a_fixed_epoch_replays_the_same_batches(uniform_store):
     stream = make_stream(uniform_store, fixed_epoch=5)
     first, second = list(stream), list(stream)
-    assert [b["position"].tolist() for b in first] == [[5, i] for i in range(8)]
+    assert [[b["stream"]["epoch"][0], b["stream"]["index"][0]] for b in first] == [[5, i] for i in range(8)]
     for a, b in zip(first, second):
         assert_batches_equal(a, b)
     assert stream.state_dict()["epoch"] == 5 and stream.state_dict()["next_batch"] == 0
