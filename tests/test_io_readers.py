@@ -269,7 +269,7 @@ def _write_series(
         pixels = template.pixel_array.copy()
         pixels[0, 0] = 100 * int(depth)
         ds.PixelData = pixels.tobytes()
-        written[int(depth)] = folder / f"{generate_uid().split('.')[-1]}.dcm"
+        written[int(depth)] = folder / f"{int(rng.integers(10**12)):012d}.dcm"  # seeded: name order is not depth order
         ds.save_as(written[int(depth)])
     return written
 
