@@ -19,7 +19,7 @@ from PIL import Image
 
 from spadkit.errors import InvalidImageError
 from spadkit.io._guard import reading
-from spadkit.io.budget import DecodedSizeError, check_decoded_size
+from spadkit.io.budget import ENV_VAR, DecodedSizeError, check_decoded_size
 from spadkit.volume import Volume, affine_from_spacing
 
 #: Assumed pixel size (mm) when neither the caller nor the file gives one.
@@ -110,8 +110,9 @@ def _read_pil(path: str) -> np.ndarray:
             raise DecodedSizeError(
                 f"Pillow refuses it as a decompression bomb ({err})",
                 path=path,
-                fix="if the image is genuine, raise Pillow's own limit before reading: "
-                "PIL.Image.MAX_IMAGE_PIXELS = None (or a larger pixel count).",
+                fix="if the image is genuine, raise Pillow's own limit in Python before reading "
+                "(PIL.Image.MAX_IMAGE_PIXELS = None), or convert it to TIFF, which spadkit reads with tifffile "
+                f"under its own budget ({ENV_VAR}).",
             ) from None
     return _planar_to_czyx(array, path)
 
