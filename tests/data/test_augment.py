@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -85,10 +88,10 @@ def test_intensity_changes_follow_the_recorded_parameters():
     original = batch["image"].clone()
     out = augment(batch)
     p = out["augment"]
-    lo = original.amin(dim=(2, 3, 4), keepdim=True)
-    hi = original.amax(dim=(2, 3, 4), keepdim=True)
     g = p["gamma"][..., None, None, None]
-    want = (lo + (hi - lo) * ((original - lo) / (hi - lo)) ** g) * p["scale"][..., None, None, None] + p["shift"][..., None, None, None]
+    scaled = original * p["scale"][..., None, None, None] + p["shift"][..., None, None, None]  # PUMIT's order: scale, then gamma
+    lo, hi = scaled.amin(dim=(2, 3, 4), keepdim=True), scaled.amax(dim=(2, 3, 4), keepdim=True)
+    want = lo + (hi - lo) * ((scaled - lo) / (hi - lo)) ** g
     torch.testing.assert_close(out["image"], want, atol=1e-5, rtol=1e-5)
     assert torch.equal(out["label"], _batch(b=4, c=2)["label"])  # labels never change value
 
@@ -155,3 +158,101 @@ def test_ranks_draw_different_augmentations_and_a_replay_draws_the_same(uniform_
     replay = augment(next(iter(make_stream(uniform_store, rank=0, world_size=2))))["augment"]
     for key in ("flip", "gamma", "scale", "shift"):
         assert torch.equal(replay[key], params[0][key])
+
+
+# ---------------------------------------------------------------------------------- PUMIT's additions
+def _ramp_batch(spacing, shape=(9, 11, 13), b=8) -> dict:
+    """Patches whose voxels hold a linear function of their world position (interpolation is exact on it)."""
+    affine = torch.zeros(b, 4, 4, dtype=torch.float64)
+    affine[:, 3, 3] = 1
+    direction = torch.tensor([[0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)  # array (z, y, x) -> RAS
+    affine[:, :3, :3] = direction * torch.tensor(spacing, dtype=torch.float64)
+    affine[:, :3, 3] = torch.tensor([4.0, -7.0, 11.0], dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape), indexing="ij"))
+    world = torch.einsum("bij,jzyx->bizyx", affine[:, :3, :3], grid) + affine[:, :3, 3, None, None, None]
+    image = (_ramp(world)).float()[:, None]
+    label = (world[:, 0] > 6).long()[:, None]
+    spacing_t = torch.tensor([spacing] * b, dtype=torch.float64)
+    stream = {"epoch": [0] * b, "index": [0] * b, "group": [1] * b, "step": [2] * b}
+    return {"image": image, "label": label, "affine": affine, "origin": affine[:, :3, 3].clone(), "spacing": spacing_t, "stream": stream}
+
+
+def _ramp(world: torch.Tensor) -> torch.Tensor:
+    return 0.5 * world[:, 0] - 0.25 * world[:, 1] + 0.125 * world[:, 2]
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.2, 0.9, 0.9), (3.0, 0.8, 0.8)])
+def test_rotations_resample_in_mm_and_keep_the_affine_true(spacing):
+    """Every rotated voxel holds the ramp value of the world point its new affine names; tilts only
+    for near-isotropic patches; labels move with the image."""
+    augment = BatchAugment(flip_prob=0.0, gamma_prob=0.0, intensity_prob=0.0, rotate_prob=1.0, seed=4)
+    batch = _ramp_batch(spacing)
+    out = augment(batch)
+    angles = out["augment"]["rotate"]
+    assert torch.all(angles[:, 0].abs() <= math.pi / 2) and torch.all(angles[:, 0] != 0)
+    if spacing[0] <= 1.5 * min(spacing[1:]):
+        assert torch.all(angles[:, 1:].abs() <= math.pi / 6) and torch.any(angles[:, 1:] != 0)
+    else:
+        assert torch.all(angles[:, 1:] == 0)
+    shape = out["image"].shape[2:]
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape), indexing="ij"))
+    for i in range(len(angles)):
+        affine = out["affine"][i]
+        world = torch.einsum("ij,jzyx->izyx", affine[:3, :3], grid) + affine[:3, 3, None, None, None]
+        # voxels sampled from inside the original patch (the corners are padding)
+        source = torch.einsum("ij,jzyx->izyx", torch.linalg.inv(batch_affine(spacing))[:3, :3], world - batch_affine(spacing)[:3, 3, None, None, None])
+        inside = torch.stack([(source[k] >= 0) & (source[k] <= n - 1) for k, n in enumerate(shape)]).all(dim=0)
+        assert inside.float().mean() > 0.3
+        torch.testing.assert_close(out["image"][i, 0][inside], _ramp(world[None])[0][inside].float(), atol=2e-3, rtol=1e-4)
+        np.testing.assert_allclose(torch.linalg.norm(affine[:3, :3], dim=0).numpy(), spacing, rtol=1e-9)  # still mm per voxel
+        torch.testing.assert_close(out["origin"][i], affine[:3, 3])
+        nearest = torch.round(source).long()
+        inner = inside & torch.stack([(nearest[k] >= 1) & (nearest[k] <= n - 2) for k, n in enumerate(shape)]).all(dim=0)
+        label_world = torch.einsum("ij,jn->in", batch_affine(spacing)[:3, :3], nearest[:, inner].double()) + batch_affine(spacing)[:3, 3, None]
+        assert torch.equal(out["label"][i, 0][inner], (label_world[0] > 6).long())
+
+
+def batch_affine(spacing) -> torch.Tensor:
+    return _ramp_batch(spacing, b=1)["affine"][0]
+
+
+def test_one_slice_patches_rotate_in_plane_only():
+    augment = BatchAugment(flip_prob=0.0, gamma_prob=0.0, intensity_prob=0.0, rotate_prob=1.0)
+    out = augment(_ramp_batch((1.0, 1.0, 1.0), shape=(1, 12, 12)))
+    assert torch.all(out["augment"]["rotate"][:, 1:] == 0) and torch.all(out["augment"]["rotate"][:, 0] != 0)
+    assert torch.isfinite(out["image"]).all() and out["affine"][:, :3, 0].abs().sum() > 0
+
+
+def test_clamp_contrast_and_inverted_gamma_follow_the_recorded_parameters():
+    augment = BatchAugment(
+        flip_prob=0.0, gamma_prob=1.0, intensity_prob=1.0, scale=(1.1, 1.3), shift=(-0.1, 0.1), clamp=(0.0, 1.0),
+        contrast_prob=1.0, gamma_invert_prob=0.5, gamma_sampling="uniform", seed=8,
+    )
+    batch = _batch(b=16, c=1)
+    original = batch["image"].clone()
+    p = augment(batch)["augment"]
+    x = (original * p["scale"][..., None, None, None] + p["shift"][..., None, None, None]).clamp(0, 1)
+    f = p["contrast"][:, None, None, None, None]
+    x = (x * f + x.mean(dim=(2, 3, 4), keepdim=True) * (1 - f)).clamp(0, 1)
+    g, inv = p["gamma"][..., None, None, None], p["gamma_invert"][:, None, None, None, None]
+    want = torch.where(inv, 1 - (1 - x) ** g, x**g)
+    torch.testing.assert_close(batch["image"], want, atol=1e-5, rtol=1e-5)
+    assert 0 < p["gamma_invert"].sum() < 16 and batch["image"].min() >= 0 and batch["image"].max() <= 1
+
+
+def test_the_pumit_recipe_has_pumits_probabilities():
+    augment = BatchAugment.pumit(seed=1)
+    params = [augment(_batch(b=50, c=1, shape=(4, 6, 6), position=(0, i)))["augment"] for i in range(20)]
+
+    def rate(key, test):
+        return torch.cat([test(p[key]) for p in params]).float().mean().item()
+
+    assert abs(rate("rotate", lambda v: v[:, 0] != 0) - 0.3) < 0.05
+    assert abs(rate("scale", lambda v: v[:, 0] != 1) - 0.15) < 0.04
+    assert rate("shift", lambda v: v[:, 0] != 0) == 0
+    assert abs(rate("contrast", lambda v: v != 1) - 0.15) < 0.04
+    assert abs(rate("gamma", lambda v: v[:, 0] != 1) - 0.3) < 0.05
+    assert abs(rate("gamma_invert", lambda v: v) - 0.15) < 0.04
+    assert abs(rate("flip", lambda v: v[:, 1]) - 0.5) < 0.05
+    gamma = torch.cat([p["gamma"] for p in params])
+    assert gamma.min() >= 0.7 and gamma.max() <= 1.5 and augment.clamp == (0.0, 1.0)
