@@ -171,7 +171,8 @@ class OMEZarrStore:
         """Every case folder: its spadkit attributes, or (a string) why they cannot be read."""
         names = [n for n in self._store.children("") if n != "zarr.json" and not n.startswith(".")]
         docs = self._store.get_many([f"{name}/zarr.json" for name in names])
-        return {name: _case_status(raw) for name, raw in zip(names, docs)}
+        # a name without zarr.json is a case folder that lost it, or a plain file (not a case)
+        return {name: _case_status(raw) for name, raw in zip(names, docs) if raw is not None or self._store.children(name)}
 
     def cases(self) -> list[str]:
         """Ids of the complete cases, sorted; damaged case folders are named in a :class:`StoreDamageWarning`."""
