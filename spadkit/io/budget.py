@@ -65,8 +65,11 @@ def set_max_decoded_bytes(value: str | int | None) -> None:
 
 
 def _memory_bytes() -> int:
-    """Physical memory, or the cgroup v2 limit of this container when lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Physical memory, or the cgroup v2 limit of this container when lower (4 x the cap where unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return 4 * DEFAULT_CAP_BYTES
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
     except OSError:

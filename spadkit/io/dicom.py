@@ -288,7 +288,8 @@ def _output_dtype(ds: Dataset) -> np.dtype:
     if _rescale(ds) != (1.0, 0.0):
         return np.dtype(np.float32)
     bits = int(ds.get("BitsAllocated", 16) or 16)
-    return np.dtype(f"{'i' if int(ds.get('PixelRepresentation', 0) or 0) else 'u'}{max(1, bits // 8)}")
+    itemsize = next((n for n in (1, 2, 4) if bits <= 8 * n), 8)  # pydicom's array dtype, e.g. 12 bits -> 2 bytes
+    return np.dtype(f"{'i' if int(ds.get('PixelRepresentation', 0) or 0) else 'u'}{itemsize}")
 
 
 def _check_native_length(ds: Dataset, samples_total: int, path: Path) -> None:
