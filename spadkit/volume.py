@@ -306,6 +306,17 @@ class Volume:
         tensor = torch.from_numpy(np.ascontiguousarray(self.numpy().transpose(0, 3, 2, 1)))
         return kind(tensor=tensor, affine=self.affine.copy())
 
+    @classmethod
+    def from_metatensor(cls, tensor: Any, **kwargs: Any) -> Volume:
+        """A volume from a MONAI ``MetaTensor`` ``(C, Z, Y, X)`` (e.g. after ``Spacing``); inverse of :meth:`to_metatensor`."""
+        affine = array_order_affine(np.asarray(tensor.affine.detach().cpu(), dtype=np.float64))
+        return cls(tensor.detach().cpu().numpy(), affine, **kwargs)
+
+    @classmethod
+    def from_torchio(cls, image: Any, **kwargs: Any) -> Volume:
+        """A volume from a TorchIO image ``(C, X, Y, Z)``; inverse of :meth:`to_torchio`."""
+        return cls(image.data.numpy().transpose(0, 3, 2, 1), image.affine, **kwargs)
+
     # ------------------------------------------------------------------ display
     def _summary(self) -> dict[str, str]:
         sz, sy, sx = self.spacing

@@ -80,6 +80,16 @@ def test_monai_orientation_matches_canonical(ramp_volume):
     assert canonical.orientation == "RAS"
     np.testing.assert_array_equal(oriented.numpy(), canonical.numpy())
     np.testing.assert_allclose(oriented.affine.numpy(), array_order_affine(canonical.affine))
+    back = Volume.from_metatensor(oriented)
+    assert back.orientation == "RAS" and back.spacing == pytest.approx(ramp_volume.spacing)
+    np.testing.assert_allclose(back.affine, canonical.affine)
+
+
+def test_metatensor_and_torchio_round_trips_are_exact(ramp_volume):
+    for back in (Volume.from_metatensor(ramp_volume.to_metatensor()), Volume.from_torchio(ramp_volume.to_torchio())):
+        assert back.shape == ramp_volume.shape
+        np.testing.assert_array_equal(back.numpy(), ramp_volume.numpy())
+        np.testing.assert_array_equal(back.affine, ramp_volume.affine)
 
 
 def test_monai_spacing_resamples_in_spadkit_world(ramp_volume):
@@ -123,6 +133,6 @@ def test_torchio_canonical_and_resample_match_spadkit(ramp_volume):
     np.testing.assert_array_equal(canonical.data.numpy().transpose(0, 3, 2, 1), expected.numpy())
     np.testing.assert_allclose(canonical.affine, expected.affine)
     resampled = tio.Resample((0.8, 1.0, 1.5))(ramp_volume.to_torchio())  # TorchIO spacing is (x, y, z)
-    back = Volume(resampled.data.numpy().transpose(0, 3, 2, 1), resampled.affine)
+    back = Volume.from_torchio(resampled)
     assert back.spacing == pytest.approx((1.5, 1.0, 0.8))
     _assert_ramp(back.numpy()[0], array_order_affine(back.affine), ramp_volume)
