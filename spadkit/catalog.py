@@ -35,7 +35,7 @@ import yaml
 from pydantic import AnyUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
-from spadkit.errors import CatalogError
+from spadkit.errors import CatalogError, SpadkitError
 
 #: Environment variable that points spadkit at another catalog folder.
 CATALOG_ENV = "SPADKIT_CATALOG"
@@ -182,7 +182,7 @@ def load_entry(path: str | os.PathLike) -> DatasetEntry:
             a missing/invalid field, or a ``name`` that differs from the file stem.
     """
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise CatalogError("expected a mapping of fields at the top level", path=path, fix="see data_catalog/schema.json.")
     try:
@@ -199,28 +199,30 @@ def load_entry(path: str | os.PathLike) -> DatasetEntry:
     return entry
 
 
-def _read_yaml(path: Path) -> object:
-    """``yaml.safe_load`` of a catalog file, every failure a :class:`CatalogError` naming it."""
+def read_yaml(path: str | os.PathLike, error: type[SpadkitError] = CatalogError, max_bytes: int = MAX_ENTRY_BYTES) -> object:
+    """``yaml.safe_load`` of a small YAML file (catalog entry, training config) with every failure an ``error`` naming it.
+
+    Raises:
+        error: not a regular file, larger than ``max_bytes``, not UTF-8, a Python tag or other
+            unsafe construct, invalid YAML, an integer too long to convert, or nesting too deep.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise CatalogError("not a regular file", path=path, fix="catalog entries are files: rename or remove this folder.")
-    if path.stat().st_size > MAX_ENTRY_BYTES:
-        raise CatalogError(f"{path.stat().st_size} bytes is more than a catalog entry needs ({MAX_ENTRY_BYTES})", path=path, fix="one entry per file, a few KB of YAML.")
+        raise error("not a regular file" if path.exists() else "file not found", path=path, fix="pass an existing YAML file.")
+    if path.stat().st_size > max_bytes:
+        raise error(f"{path.stat().st_size} bytes is more than this YAML file may hold ({max_bytes})", path=path, fix="keep it to plain settings of a few KB.")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise CatalogError(f"not UTF-8 text (byte {err.start})", path=path, fix="save the file as UTF-8.") from None
+        raise error(f"not UTF-8 text (byte {err.start})", path=path, fix="save the file as UTF-8.") from None
     except yaml.constructor.ConstructorError as err:
-        raise CatalogError(
-            f"refused an unsafe YAML construct ({err.problem})",
-            path=path,
-            fix="catalog files are plain data: remove tags such as !!python/object.",
-        ) from None
+        raise error(f"refused an unsafe YAML construct ({err.problem})", path=path, fix="YAML here is plain data: remove tags such as !!python/object.") from None
     except yaml.YAMLError as err:
-        raise CatalogError(f"not valid YAML: {err}", path=path, fix="fix the YAML syntax.") from None
+        raise error(f"not valid YAML: {err}", path=path, fix="fix the YAML syntax.") from None
     except ValueError as err:  # an integer with more digits than Python converts (4300)
-        raise CatalogError(f"a value cannot be read ({' '.join(str(err).split())[:120]})", path=path, fix="use a number of sensible size.") from None
+        raise error(f"a value cannot be read ({' '.join(str(err).split())[:120]})", path=path, fix="use a number of sensible size.") from None
     except RecursionError:
-        raise CatalogError("nested too deeply to read", path=path, fix="catalog entries are flat mappings of fields; see data_catalog/schema.json.") from None
+        raise error("nested too deeply to read", path=path, fix="use a flat mapping of settings.") from None
 
 
 def load_catalog(folder: str | os.PathLike | None = None) -> Catalog:

@@ -53,6 +53,19 @@ def bundled_config(name: str) -> str:
     return str(candidate) if "/" not in name and not name.endswith((".yaml", ".yml")) and candidate.is_file() else name
 
 
+def check_config_file(path: str) -> str:
+    """Read a ``--config`` file safely first, so a bad one gets an error naming it; return ``path``.
+
+    Raises:
+        SpadkitError: missing, not UTF-8, unsafe or invalid YAML, or not a mapping of settings.
+    """
+    from spadkit.catalog import read_yaml
+
+    if not isinstance(read_yaml(path, error=SpadkitError), dict):
+        raise SpadkitError("a config must be a mapping of settings (trainer:, model:, data:)", path=path, fix="see the bundled configs in spadkit/configs/.")
+    return path
+
+
 def restrict_config_imports(allowed: Sequence[str] = ALLOWED_IMPORTS) -> None:
     """Make jsonargparse refuse every import path in parsed values except those under ``allowed``.
 
@@ -126,21 +139,29 @@ def run_pretrain(argv: Sequence[str]) -> int:
         0 on success. Bad configs exit through LightningCLI's parser (status 2);
         refused checkpoints raise :class:`~spadkit.errors.SpadkitError`.
     """
-    import lightning as L
-
-    from spadkit.data import PatchDataModule
-
     args = list(argv)
     if not args or args[0] not in (*LIGHTNING_SUBCOMMANDS, "-h", "--help"):
         args.insert(0, "fit")
     for i, arg in enumerate(args):
         if arg in ("-c", "--config") and i + 1 < len(args):
-            args[i + 1] = bundled_config(args[i + 1])
+            args[i + 1] = check_config_file(bundled_config(args[i + 1]))
         elif arg.startswith("--config="):
-            args[i] = "--config=" + bundled_config(arg.removeprefix("--config="))
+            args[i] = "--config=" + check_config_file(bundled_config(arg.removeprefix("--config=")))
     restrict_config_imports()
     saved_argv = sys.argv  # LightningCLI warns when given args while sys.argv holds others
     sys.argv = ["spadkit pretrain", *args]
+    try:
+        _run_cli(args)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def _run_cli(args: list[str]) -> None:
+    import lightning as L
+
+    from spadkit.data import PatchDataModule
+
     try:
         SpadkitLightningCLI(
             L.LightningModule,
@@ -149,6 +170,19 @@ def run_pretrain(argv: Sequence[str]) -> int:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "spadkit pretrain", "description": f"Pretraining through LightningCLI. Bundled configs: {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}."},
         )
-    finally:
-        sys.argv = saved_argv
-    return 0
+    except ValueError as error:  # jsonargparse wraps errors raised while instantiating the model or data
+        cause = _spadkit_cause(error)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _spadkit_cause(error: BaseException | None) -> SpadkitError | None:
+    """The :class:`SpadkitError` that ``error`` was raised from (its cause/context chain), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, SpadkitError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
