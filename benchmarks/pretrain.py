@@ -115,6 +115,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from spadkit.data import PatchSize, PatchStream
 from spadkit.models import token_grid, total_stride
 from spadkit.models.spad import batch_level
+from spadkit.models.vit import token_patches
 from spadkit.tasks import MIMPretrain
 
 BATCH_SIZE = 2
@@ -239,14 +240,6 @@ def make_batch(
     }
 
 
-def patchify(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
-    """``(B, C, Z, Y, X)`` -> ``(B, N, C * pz * py * px)``, tokens in ``(gz, gy, gx)`` C order."""
-    b, c, *size = x.shape
-    grid = [n // p for n, p in zip(size, patch, strict=True)]
-    x = x.reshape(b, c, grid[0], patch[0], grid[1], patch[1], grid[2], patch[2])
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, math.prod(grid), -1)
-
-
 def normalise_patches(patches: torch.Tensor) -> torch.Tensor:
     """Per-patch zero mean, unit variance (MAE's ``norm_pix_loss`` target)."""
     mean = patches.mean(-1, keepdim=True)
@@ -341,7 +334,7 @@ def monai_step(config: StepConfig) -> TrainStep:
     def loss(batch: dict[str, Any]) -> torch.Tensor:
         tokens, _ = module["vit"](batch["image"])
         prediction = module["head"](tokens)
-        target = normalise_patches(patchify(batch["image"], patch))
+        target = normalise_patches(token_patches(batch["image"], [n // p for n, p in zip(batch["image"].shape[2:], patch, strict=True)]))
         return F.mse_loss(prediction.float(), target)
 
     tokens = math.prod(n // PATCH for n in config.shape)

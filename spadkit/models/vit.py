@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spadkit.errors import InvalidImageError
 from spadkit.models.spad import SpadConv3d, batch_level, depth_halvings
 
 PATCH = 16
@@ -42,6 +43,32 @@ def patch_shape(level: int) -> tuple[int, int, int]:
 def token_grid(spatial_shape: Sequence[int], level: int) -> tuple[int, int, int]:
     """Token grid ``(gz, gy, gx)`` of an input ``(Z, Y, X)`` at anisotropy ``level``."""
     return tuple(n // p for n, p in zip(spatial_shape, patch_shape(level)))
+
+
+def token_patches(x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Voxels of each token: ``(B, C, Z, Y, X)`` -> ``(B, N, C * dz * dy * dx)`` in token order
+    (the ``(gz, gy, gx)`` C order of :meth:`SpadViT.forward_features`)."""
+    b, c, z, y, xx = x.shape
+    gz, gy, gx = grid
+    x = x.reshape(b, c, gz, z // gz, gy, y // gy, gx, xx // gx)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, gz * gy * gx, -1)
+
+
+def resolve_level(level: int | torch.Tensor | None, spacing: torch.Tensor | Sequence[float], depth: int) -> int:
+    """The batch's anisotropy level: ``level`` as given (an int, or the batch's ``(B,)`` ``level``
+    tensor), else computed from ``spacing`` with :func:`~spadkit.models.spad.batch_level`.
+
+    Pass the level as an int to avoid a device-to-host copy per forward: the pretraining
+    tasks read ``batch["level"]`` on the host before the batch moves to the GPU.
+    """
+    if level is None:
+        return batch_level(spacing, depth)
+    if isinstance(level, torch.Tensor):
+        values = level.reshape(-1).tolist()
+        if len(set(values)) != 1:
+            raise ValueError(f"a batch must share one anisotropy level, got levels {sorted(set(values))}")
+        return int(values[0])
+    return int(level)
 
 
 @functools.lru_cache(maxsize=64)
@@ -169,20 +196,33 @@ class SpadViT(nn.Module):
         return {"cls_token", "mask_token", "pos_embed"}
 
     # ------------------------------------------------------------------ embedding
-    def embed(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float], mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def embed(
+        self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float], mask: torch.Tensor | None = None, level: int | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Patch tokens with cls token and position embedding.
 
         Args:
             x: ``(B, C, Z, Y, X)``; each axis a multiple of the patch (see :func:`token_grid`).
             spacing: ``(B, 3)`` or ``(3,)`` mm.
             mask: optional ``(B, N)`` bool; ``True`` tokens become the mask token.
+            level: the batch's anisotropy level (see :func:`resolve_level`); computed from
+                ``spacing`` when ``None``.
+
+        Raises:
+            InvalidImageError: ``x`` does not have ``in_chans`` channels.
+            ValueError: an axis is not a multiple of the patch.
 
         Returns:
             ``(B, 1 + N, C)`` tokens and the token grid ``(gz, gy, gx)``.
         """
-        level = batch_level(spacing, x.shape[2])
+        if x.ndim != 5 or x.shape[1] != self.in_chans:
+            raise InvalidImageError(
+                f"input {tuple(x.shape)} must be (B, C, Z, Y, X) with C = {self.in_chans} channels (the model's in_chans)",
+                fix=f"stream images with {self.in_chans} channel(s), or create the model with in_chans={x.shape[1] if x.ndim == 5 else 'C'} (pretrained weights fix in_chans).",
+            )
+        level = resolve_level(level, spacing, x.shape[2])
         patch = patch_shape(level)
-        if x.ndim != 5 or any(n % p for n, p in zip(x.shape[2:], patch)):
+        if any(n % p for n, p in zip(x.shape[2:], patch)):
             raise ValueError(
                 f"input {tuple(x.shape)} must be (B, C, Z, Y, X) with Z, Y, X multiples of the patch {patch} "
                 f"for spacing level {level}. Fix: stream patches with PatchSize(..., multiple=spadkit.models.total_stride)."
@@ -199,9 +239,11 @@ class SpadViT(nn.Module):
         return rope_tables(grid, self.embed_dim // self.blocks[0].attn.num_heads, str(device)) if self.rope else None
 
     # ------------------------------------------------------------------ forwards
-    def forward_features(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float], mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float], mask: torch.Tensor | None = None, level: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(B, 1 + N, C)`` normalised tokens (cls first; patch tokens in ``(gz, gy, gx)`` C order)."""
-        tokens, grid = self.embed(x, spacing, mask)
+        tokens, grid = self.embed(x, spacing, mask, level)
         rope = self._rope(grid, tokens.device)
         for block in self.blocks:
             tokens = block(tokens, rope, self.num_prefix_tokens)
@@ -212,8 +254,8 @@ class SpadViT(nn.Module):
         cls = features[:, 0]
         return cls if pre_logits else self.head(cls)
 
-    def forward(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, spacing))
+    def forward(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float], level: int | torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, spacing, level=level))
 
     def forward_intermediates(
         self,
@@ -221,6 +263,7 @@ class SpadViT(nn.Module):
         spacing: torch.Tensor | Sequence[float],
         indices: int | Sequence[int] | None = None,
         norm: bool = False,
+        level: int | torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Feature maps of chosen blocks, ``(B, C, gz, gy, gx)`` each.
 
@@ -228,6 +271,7 @@ class SpadViT(nn.Module):
             indices: block indices (negative counts from the end), or an int ``n`` for the
                 last ``n`` blocks (default all); one map is returned per index, in that order.
             norm: apply the final norm to each.
+            level: the batch's anisotropy level (see :func:`resolve_level`).
         """
         depth = len(self.blocks)
         if indices is None:
@@ -238,7 +282,7 @@ class SpadViT(nn.Module):
             wanted = [i + depth if i < 0 else i for i in indices]
         if not wanted or any(not 0 <= i < depth for i in wanted):
             raise IndexError(f"block indices {indices} out of range for depth {depth}")
-        tokens, grid = self.embed(x, spacing)
+        tokens, grid = self.embed(x, spacing, level=level)
         rope = self._rope(grid, tokens.device)
         out = {}
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):

@@ -16,13 +16,25 @@ Objectives (each on or off through its weight; a weight of 0 switches it off):
 * ``scale_weight``: a classifier of the crop's in-plane physical extent (bins
   with edges ``scale_edges_mm``).
 
+The auxiliary heads switch themselves off at ``setup`` when the training data
+cannot pose their task (:mod:`spadkit.tasks.aux_tasks`); the reason is logged and
+recorded in the exported :class:`~spadkit.models.PretrainedCfg`.
+
+Floors logged beside the losses (:mod:`spadkit.tasks.diagnostics`): ``mim`` against
+``mim_floor_entropy`` (the targets' own entropy, the least any predictor reaches) and
+``mim_floor_position`` (a predictor that knows only each token's position); ``mae``
+on textured tokens (``mae_textured``) against ``mae_floor_zero`` (predicting zero).
+A MIM curve that stops at ``mim_floor_position`` learned position, not images.
+
 Batches come from :class:`~spadkit.data.PatchDataModule` (``image``,
-``spacing``, ``modality``), intensities already scaled to [0, 1].
+``spacing``, ``modality``, ``level``), intensities already scaled to [0, 1].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +45,7 @@ import torch.nn.functional as F
 
 import spadkit
 from spadkit.data.augment import batch_seed
+from spadkit.errors import SpadkitError
 from spadkit.models import (
     CodeHead,
     ModalityDiscriminator,
@@ -44,8 +57,8 @@ from spadkit.models import (
     save_pretrained,
     scale_bin,
 )
-from spadkit.models.spad import batch_level
-from spadkit.models.vit import token_grid
+from spadkit.models.vit import resolve_level, token_grid, token_patches
+from spadkit.tasks.diagnostics import PositionPrior, soft_entropy, textured_tokens
 
 
 class MIMPretrain(L.LightningModule):
@@ -56,12 +69,17 @@ class MIMPretrain(L.LightningModule):
         in_chans: image channels.
         tokenizer: folder of a trained tokenizer (``save_pretrained`` output of
             :class:`~spadkit.tasks.TokenizerPretrain`); required when ``mim_weight > 0``.
+        check_tokenizer: refuse a tokenizer whose recorded reconstruction PSNR does not beat
+            the patch-mean baseline (its codes then carry no image content).
         mask_ratio: share of tokens masked per sample.
         mim_weight, mae_weight, modality_weight, scale_weight: objective weights.
         modalities: modality names the discriminator tells apart.
         scale_edges_mm: bin edges of the in-plane crop extent for the scale head.
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay.
         export_dir: where ``on_train_end`` writes the backbone with its :class:`PretrainedCfg`.
+        tokenizer_cfg: filled in automatically (the tokenizer's :class:`PretrainedCfg` as a
+            dict), so a Lightning checkpoint, which holds the tokenizer's weights, loads after
+            the tokenizer folder moved.
     """
 
     def __init__(
@@ -69,6 +87,7 @@ class MIMPretrain(L.LightningModule):
         backbone: str = "spad_vit_test",
         in_chans: int = 1,
         tokenizer: str | None = None,
+        check_tokenizer: bool = True,
         mask_ratio: float = 0.55,
         mim_weight: float = 1.0,
         mae_weight: float = 1.0,
@@ -80,6 +99,7 @@ class MIMPretrain(L.LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
         export_dir: str | None = None,
+        tokenizer_cfg: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -97,14 +117,19 @@ class MIMPretrain(L.LightningModule):
                     "`spadkit pretrain fit -c spadkit/configs/tokenizer_tiny.yaml` and pass tokenizer=<its export_dir>, "
                     "or set mim_weight: 0 to pretrain with MAE only."
                 )
-            self.tokenizer = _frozen_tokenizer(tokenizer)
+            self.tokenizer, cfg = _frozen_tokenizer(tokenizer, tokenizer_cfg)
+            if check_tokenizer:
+                check_tokenizer_content(cfg, tokenizer)
+            self.hparams.tokenizer_cfg = dataclasses.asdict(cfg)
             self.code_head = CodeHead(dim, self.tokenizer.num_codes)
+            self.position_prior = PositionPrior()
         self.pixel_head = PixelHead(dim, in_chans) if mae_weight > 0 else None
         self.modalities = list(modalities)
         self._modality_index = {m.upper(): i for i, m in enumerate(self.modalities)}  # names match case-insensitively
         self.modality_head = ModalityDiscriminator(dim, len(self.modalities)) if modality_weight > 0 else None
         self.register_buffer("scale_edges", torch.tensor(list(scale_edges_mm), dtype=torch.float32), persistent=False)
         self.scale_head = ScaleClassifier(dim, len(scale_edges_mm) + 1) if scale_weight > 0 else None
+        self.heads_off: dict[str, str] = {}
 
     def train(self, mode: bool = True) -> MIMPretrain:
         """Switch train/eval mode; the frozen tokenizer always stays in eval mode."""
@@ -112,6 +137,30 @@ class MIMPretrain(L.LightningModule):
         if self.tokenizer is not None:
             self.tokenizer.eval()
         return self
+
+    def setup(self, stage: str) -> None:
+        """Switch off auxiliary heads whose task the training data cannot pose (before optimisers exist)."""
+        stream = getattr(self.trainer.datamodule, "train_stream", None) if stage == "fit" and self._trainer is not None else None
+        if stream is None:
+            return
+        from spadkit.tasks.aux_tasks import crop_extents_mm, modality_task_reason, scale_task_reason
+
+        cases = [c for group in stream.cases for c in group]
+        shapes = [s for group in stream.patch_shapes for s in group]
+        zoom = getattr(getattr(self.trainer.datamodule, "augment", None), "zoom", None) or (1.0, 1.0)
+        reasons = {
+            "scale": scale_task_reason(crop_extents_mm(cases, shapes, zoom), self.hparams.scale_edges_mm) if self.scale_head is not None else None,
+            "modality": modality_task_reason(cases, self.modalities) if self.modality_head is not None else None,
+        }
+        for head, reason in reasons.items():
+            if reason is not None:
+                warnings.warn(reason, stacklevel=2)
+                self.heads_off[head] = reason
+                setattr(self, f"{head}_head", None)
+                self.hparams[f"{head}_weight"] = 0.0  # the checkpoint then rebuilds the module without it
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        return level_on_host(batch)
 
     def random_mask(self, batch_size: int, num_tokens: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, N)`` bool with exactly ``round(N * mask_ratio)`` (at least 1) masked tokens per sample.
@@ -125,26 +174,35 @@ class MIMPretrain(L.LightningModule):
         return (order < count).to(self.device)
 
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Every enabled objective's loss and ``loss``, their weighted sum."""
+        """Every enabled objective's loss, ``loss`` (their weighted sum) and the floors beside them."""
         x, spacing = batch["image"], batch["spacing"]
-        level = batch_level(spacing, x.shape[2])
+        level = resolve_level(batch.get("level"), spacing, x.shape[2])
         grid = token_grid(x.shape[2:], level)
         generator = torch.Generator().manual_seed(batch_seed(0, batch))
         mask = self.random_mask(len(x), math.prod(grid), generator)
-        features = self.backbone.forward_features(x, spacing, mask)
+        features = self.backbone.forward_features(x, spacing, mask, level)
         tokens = features[:, self.backbone.num_prefix_tokens :]
         hp = self.hparams
         out: dict[str, torch.Tensor] = {}
+        floors: dict[str, torch.Tensor] = {}
         if self.tokenizer is not None:
             with torch.no_grad():
-                target = self.tokenizer.encode(x, spacing).flatten(2).transpose(1, 2).softmax(-1)
+                target = self.tokenizer.encode(x, spacing, level).flatten(2).transpose(1, 2).softmax(-1)
             logits = self.code_head(tokens[mask])
             out["mim"] = -(target[mask] * logits.log_softmax(-1)).sum(-1).mean()
+            floors["mim_floor_entropy"] = soft_entropy(target[mask]).mean()
+            position_floor = self.position_prior.cross_entropy(target, mask, grid, update=self.training)
+            if position_floor is not None:
+                floors["mim_floor_position"] = torch.tensor(position_floor)
         if self.pixel_head is not None:
             recon = self.pixel_head(tokens, grid, level)
-            pred, target_px = _patches(recon, grid), _patches(x, grid)
+            pred, target_px = token_patches(recon, grid), token_patches(x, grid)
             target_px = (target_px - target_px.mean(-1, keepdim=True)) / (target_px.var(-1, keepdim=True) + 1e-6).sqrt()
             out["mae"] = F.mse_loss(pred[mask], target_px[mask])
+            textured = mask & textured_tokens(x, grid)
+            if textured.any():
+                floors["mae_textured"] = F.mse_loss(pred[textured], target_px[textured]).detach()
+                floors["mae_floor_zero"] = target_px[textured].pow(2).mean()
         if self.modality_head is not None:
             labels = torch.tensor([self._modality_index.get((m or "").upper(), -100) for m in batch["modality"]], device=x.device)
             logits = self.modality_head(features[:, 0])
@@ -154,11 +212,11 @@ class MIMPretrain(L.LightningModule):
             out["scale"] = F.cross_entropy(self.scale_head(features[:, 0]), scale_bin(extent, self.scale_edges))
         weights = {"mim": hp.mim_weight, "mae": hp.mae_weight, "modality": hp.modality_weight, "scale": hp.scale_weight}
         out["loss"] = sum(weights[k] * v for k, v in out.items())
-        return out
+        return {**out, **floors}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["image"]))
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -171,26 +229,65 @@ class MIMPretrain(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
             cfg = pretrained_cfg(self, self.hparams.backbone, "mim+mae+aux pretraining", modalities=self.modalities)
+            cfg.provenance["heads_off"] = dict(self.heads_off)
             save_pretrained(self.backbone, cfg, self.hparams.export_dir)
 
 
-def _frozen_tokenizer(directory: str) -> torch.nn.Module:
-    _, cfg = load_pretrained(directory)
-    tokenizer = create_model(cfg.architecture, pretrained=directory, in_chans=cfg.in_chans)
+def level_on_host(batch: dict[str, Any]) -> dict[str, Any]:
+    """``on_before_batch_transfer``: the batch's ``level`` ``(B,)`` tensor becomes one int while
+    still on the host, so no forward copies it back from the GPU."""
+    level = batch.get("level") if isinstance(batch, dict) else None
+    if isinstance(level, torch.Tensor):
+        batch = {**batch, "level": resolve_level(level, batch["spacing"], batch["image"].shape[2])}
+    return batch
+
+
+def _frozen_tokenizer(directory: str, recorded: dict[str, Any] | None) -> tuple[torch.nn.Module, PretrainedCfg]:
+    """The tokenizer of ``directory`` and its config; when the folder is gone but a checkpoint
+    recorded its config, the bare architecture (its weights then come from the checkpoint)."""
+    if recorded is not None and not Path(directory).is_dir():
+        cfg = PretrainedCfg(**recorded)
+        warnings.warn(f"tokenizer folder {directory} not found: rebuilding {cfg.architecture} from the checkpoint's record", stacklevel=3)
+        tokenizer = create_model(cfg.architecture, in_chans=cfg.in_chans)
+    else:
+        _, cfg = load_pretrained(directory)
+        tokenizer = create_model(cfg.architecture, pretrained=directory, in_chans=cfg.in_chans)
     tokenizer.requires_grad_(False).eval()
-    return tokenizer
+    return tokenizer, cfg
 
 
-def _patches(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """``(B, C, Z, Y, X)`` -> ``(B, N, C * dz * dy * dx)`` in token order."""
-    b, c, z, y, xx = x.shape
-    gz, gy, gx = grid
-    x = x.reshape(b, c, gz, z // gz, gy, y // gy, gx, xx // gx)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, gz * gy * gx, -1)
+def check_tokenizer_content(cfg: PretrainedCfg, directory: str) -> None:
+    """Raise unless the tokenizer's recorded diagnostics show it beats the patch-mean baseline.
+
+    Raises:
+        SpadkitError: no diagnostics recorded, or reconstruction PSNR at or below the baseline's.
+    """
+    diagnostics = cfg.provenance.get("diagnostics", {})
+    skip = "pass check_tokenizer=False (--model.init_args.check_tokenizer=false) only for a tokenizer you have checked otherwise"
+    if "psnr" not in diagnostics or "psnr_patch_mean" not in diagnostics:
+        raise SpadkitError(
+            "this tokenizer records no diagnostics, so nothing shows its codes carry image content",
+            path=directory,
+            fix=f"train it with spadkit.tasks.TokenizerPretrain (e.g. `spadkit pretrain --config tokenizer_tiny`), which records them; or {skip}.",
+        )
+    if not diagnostics["psnr"] > diagnostics["psnr_patch_mean"]:
+        raise SpadkitError(
+            f"this tokenizer reconstructs worse than each token's mean intensity (PSNR {diagnostics['psnr']:.2f} dB vs "
+            f"{diagnostics['psnr_patch_mean']:.2f} dB for the patch-mean baseline): its codes carry too little image content "
+            "for masked image modelling to learn from",
+            path=directory,
+            fix=f"train the tokenizer longer, on crops of many tokens (e.g. PatchSize(tokens=(5, 10, 10))), until train/psnr beats train/psnr_patch_mean; or {skip}.",
+        )
 
 
 def adamw_with_cosine(
-    module: L.LightningModule, lr: float, weight_decay: float, warmup_steps: int, params=None, optimizers_per_step: int = 1
+    module: L.LightningModule,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    params=None,
+    optimizers_per_step: int = 1,
+    betas: tuple[float, float] = (0.9, 0.95),
 ) -> dict[str, Any]:
     """AdamW (no decay on biases, norms and token/position embeddings), linear warm-up,
     cosine decay to 1 % over the trainer's estimated steps.
@@ -203,7 +300,7 @@ def adamw_with_cosine(
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 or name.split(".")[-1] in {"cls_token", "mask_token", "pos_embed"} else decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
     total = 1000
     if module._trainer is not None:
         total = int(module.trainer.estimated_stepping_batches)
