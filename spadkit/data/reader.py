@@ -3,7 +3,11 @@
 Intensity modes (per channel, from the statistics recorded at ingest):
 
 * ``"percentile"`` (default, PUMIT): clip to the case's 0.5-99.5 percentiles and
-  scale to [0, 1]; 8-bit images (``uint8``) are divided by 255 instead.
+  scale to [0, 1]; 8-bit images (``uint8``) are divided by 255 instead. The
+  percentiles are PUMIT's, over the foreground ("body": voxels above the channel
+  minimum, inside their bounding box) where ingest recorded them (store format 2);
+  stores of format 1 have only all-voxel percentiles, which a CT padded with
+  -3024 outside its field of view shifts (air then maps to ~0.5, not 0).
 * ``"zscore"``: subtract the case's mean and divide by its standard deviation.
 * ``"none"``: raw values as float32.
 
@@ -121,6 +125,8 @@ def intensity_transform(case: CaseInfo, mode: Intensity) -> tuple[np.ndarray, np
     if mode == "percentile" and case.dtype == "uint8":
         return np.zeros(channels, np.float32), np.full(channels, 1 / 255, np.float32), False
     stats = case.intensity
+    if mode == "percentile" and stats and all("body" in s for s in stats):
+        stats = tuple(s["body"] for s in stats)
     keys = ("p0.5", "p99.5") if mode == "percentile" else ("mean", "std")
     if len(stats) != channels or any(k not in s for s in stats for k in keys):
         raise StoreError(

@@ -135,3 +135,16 @@ def test_patch_mm_and_a_function_multiple_reach_the_stream(mixed_store):
         with pytest.raises(ValueError, match="is not a named rule"):
             PatchDataModule([mixed_store.url], patch_multiple=dotted)
     assert PatchDataModule([mixed_store.url], patch_multiple="spad").stream_args["patch_size"].multiple is total_stride
+
+
+def test_pumit_token_crops_and_augmentation_from_config_values(mixed_store):
+    """What a YAML gives: ``patch_tokens: [1, 2, 2]``, ``patch_zoom``, ``augment: pumit``."""
+    data = PatchDataModule([mixed_store.url], patch_tokens=[1, 2, 2], patch_zoom=[0.8, 1.5], patch_zoom_prob=1.0, augment="pumit", intensity="none")
+    data.setup("fit")
+    size = data.train_stream.patch_size
+    assert size.tokens == [1, 2, 2] and size.zoom == (0.8, 1.5) and size.zoom_prob == 1.0
+    shapes = {c.case_id: s for c, s in zip(data.train_stream.cases[0], data.train_stream.patch_shapes[0])}
+    assert shapes["iso_a"] == (16, 32, 32) and shapes["aniso"] == (8, 32, 32) and shapes["flat"] == (1, 32, 32)
+    assert data.augment.rotate_prob == 0.3 and data.augment.clamp == (0.0, 1.0)
+    with pytest.raises(ValueError, match="augment must be"):
+        PatchDataModule([mixed_store.url], augment="strong")

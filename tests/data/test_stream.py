@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -397,3 +399,42 @@ def test_one_store_at_two_levels_and_with_and_without_labels(mixed_store):
         if level == 1:
             np.testing.assert_array_equal(batch["label"][0].numpy(), expected_window(label, start, (12, 12, 12), [0]))
     assert seen == {0, 1}
+
+
+def test_percentile_scaling_uses_the_body_statistics_and_falls_back_on_old_stores(tmp_path):
+    """A CT padded with -3024 outside a disk-shaped field of view, air -1000 inside it: with PUMIT's body
+    percentiles (store format 2) air maps to ~0; an old store's all-voxel percentiles map it to ~0.5."""
+    _, y, x = np.indices((8, 40, 40))
+    image = np.full((8, 40, 40), -1000, np.int16)
+    image[(y - 20) ** 2 + (x - 20) ** 2 > 16**2] = -3024  # outside the field of view
+    image[:, 14:26, 14:26] = 40 + (x[:, 14:26, 14:26] * 20).astype(np.int16)  # soft tissue
+    volume = Volume.from_spacing(image[None], (1.0, 1.0, 1.0))
+    new, old = OMEZarrStore(str(tmp_path / "new.zarr"), mode="a"), OMEZarrStore(str(tmp_path / "old.zarr"), mode="a")
+    stats = intensity_stats(volume)
+    assert "body" in stats[0]
+    new.write_case("ct", volume, attrs={"intensity": stats})
+    old.write_case("ct", volume, attrs={"intensity": [{k: v for k, v in s.items() if k != "body"} for s in stats]})
+    read = {}
+    for name, store in (("new", new), ("old", old)):
+        batch = next(iter(PatchStream([store.url], patch_size=(8, 40, 40), batch_size=1, samples_per_case=1, num_threads=0, rank=0, world_size=1)))
+        read[name] = batch["image"][0, 0]
+    air = torch.from_numpy(image == -1000)
+    assert read["new"][air].max() < 0.02 and read["new"][torch.from_numpy(image == -3024)].max() == 0
+    assert read["old"][air].min() > 0.4  # the padding sets the all-voxel 0.5th percentile
+
+
+def test_an_assumed_pixel_size_is_flagged_and_mm_patches_warn(tmp_path):
+    """A PNG's 1 mm is assumed (case attrs ``spacing_assumed``): the batch says so, and sizing patches in mm
+    on such cases warns (they are voxels, not mm); voxel and token sizes do not."""
+    store = OMEZarrStore(str(tmp_path / "xr.zarr"), mode="a")
+    volume = Volume.from_spacing(encoded((1, 30, 30))[None], (1.0, 1.0, 1.0), modality="XR")
+    store.write_case("dcm", volume, attrs={"intensity": intensity_stats(volume)})
+    volume.meta["spacing_assumed"] = True  # what the PNG reader sets; the store records it
+    store.write_case("png", volume, attrs={"intensity": intensity_stats(volume)})
+    batch = next(iter(PatchStream([store.url], patch_size=16, batch_size=2, samples_per_case=1, num_threads=0, rank=0, world_size=1)))
+    assert dict(zip(batch["case_id"], batch["spacing_assumed"].tolist())) == {"png": True, "dcm": False}
+    with pytest.warns(UserWarning, match="assumed pixel size"):
+        PatchStream([store.url], patch_size=PatchSize(mm=16), num_threads=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PatchStream([store.url], patch_size=PatchSize(tokens=(1, 1, 1)), num_threads=0)
