@@ -693,3 +693,24 @@ def test_every_reader_records_its_sources(tmp_path, pydicom_data, rng, name):
 def test_dicom_series_sources_list_every_slice(tmp_path, pydicom_data, rng):
     files = _write_series(tmp_path / "s", pydicom_data / "CT_small.dcm", [0, 1, 2], series_uid=generate_uid(), rng=rng)
     assert read_volume(tmp_path / "s").meta["sources"] == [str(files[d]) for d in (0, 1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("iop", "stored"),
+    [
+        ([1, 0, 0, 0, 0, -1], lambda p: p),  # rows toward the patient's left, columns toward the feet: L\F
+        ([-1, 0, 0, 0, 0, -1], lambda p: p[:, ::-1]),  # R\F
+        ([0, 0, -1, 0.998, 0.06, 0], lambda p: p.T),  # F\L, slightly oblique
+    ],
+    ids=["LF", "RF", "FL-oblique"],
+)
+def test_dicom_projection_with_orientation_stays_2d_like_png(tmp_path, xray, iop, stored):
+    """A DX image with ImageOrientationPatient (the detector's) is stored 2D like the PNG, not as a coronal slab."""
+    png, dcm = _png_and_dicom(tmp_path, xray, np.ascontiguousarray(stored(xray)), ImageOrientationPatient=iop, ImagePositionPatient=[0, 0, 0])
+    assert dcm.canonical().is_2d
+    _assert_same_storage(png, dcm)
+
+
+def test_dicom_ct_slice_keeps_patient_geometry(pydicom_data):
+    vol = read_volume(pydicom_data / "CT_small.dcm")
+    assert vol.orientation == "LPS" and "patient_orientation" not in vol.meta

@@ -5,14 +5,16 @@ Slices are sorted by their position along the slice normal, spacing comes from
 are mapped to real units (HU for CT) with ``RescaleSlope``/``RescaleIntercept``.
 DICOM's patient space is LPS+; the affine is converted to spadkit's RAS+.
 
-Images without patient geometry (projection radiographs: no
-``ImageOrientationPatient``) follow the convention of PNG/JPEG images
-(:mod:`spadkit.io.image2d`): pixels as displayed, on an axis-aligned RAS grid,
-so :meth:`Volume.canonical` does not move them. When ``PatientOrientation``
-(0020,0020) is given, the pixels are first flipped (or transposed) into the
-radiological display orientation: feet at the bottom, the patient's left on the
-right of the image for frontal views (``L\\F``), posterior on the right for
-lateral views (``P\\F``).
+Images without patient geometry (no ``ImageOrientationPatient``) and
+single-frame projection images (:data:`PROJECTION_MODALITIES`, whose
+orientation is that of the detector, not of a slice) follow the convention of
+PNG/JPEG images (:mod:`spadkit.io.image2d`): pixels as displayed, on an
+axis-aligned RAS grid, so :meth:`Volume.canonical` does not move them and they
+stay 2D. When ``PatientOrientation`` (0020,0020) is given (or, for projections,
+the dominant directions of ``ImageOrientationPatient``), the pixels are first
+flipped (or transposed) into the radiological display orientation: feet at the
+bottom, the patient's left on the right of the image for frontal views
+(``L\\F``), posterior on the right for lateral views (``P\\F``).
 
 ``MONOCHROME1`` pixels (white = low) are inverted to ``MONOCHROME2`` on read,
 as SimpleITK/GDCM do (stored value ``v`` -> ``2**BitsStored - 1 - v``, or
@@ -46,6 +48,9 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SLICE_GAP_TOLERANCE = 0.05
 
 _MODALITY_ALIASES = {"CR": "XR", "DX": "XR", "PET": "PT"}
+
+#: Modalities whose single-frame images are projections (stored 2D even when they carry ImageOrientationPatient).
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA", "IO", "PX", "RG", "DF"})
 
 #: PatientOrientation letter -> (display axis: 0 = left to right, 1 = top to bottom; +1 if it already points the display way).
 _DISPLAY_AXIS = {"L": (0, 1), "P": (0, 1), "R": (0, -1), "A": (0, -1), "F": (1, 1), "H": (1, -1)}
@@ -167,8 +172,10 @@ def _read_single_file(path: Path) -> Volume:
     shared = _functional_group(header, "SharedFunctionalGroupsSequence")
     per_frame = header.get("PerFrameFunctionalGroupsSequence")
     if "ImageOrientationPatient" not in header and (shared is None or "PlaneOrientationSequence" not in shared):
-        return _read_without_geometry(path, header, pixels, spacing_yx)
+        return _read_as_projection(path, header, pixels, spacing_yx, _patient_orientation(header))
     row_dir, col_dir = _orientation_vectors(header, path)
+    if frames == 1 and str(header.get("Modality", "")).upper() in PROJECTION_MODALITIES:
+        return _read_as_projection(path, header, pixels, spacing_yx, (_direction_letter(row_dir), _direction_letter(col_dir)))
     normal = np.cross(row_dir, col_dir)
     positions = _frame_positions(header, per_frame, frames)
     offsets = header.get("GridFrameOffsetVector")  # RT dose: frame depths relative to the first
@@ -185,30 +192,41 @@ def _read_single_file(path: Path) -> Volume:
     return Volume(pixels, affine, modality=_modality(header), meta=_meta(header, path, frames))
 
 
-def _read_without_geometry(path: Path, header: Dataset, pixels: np.ndarray, spacing_yx: tuple[float, float]) -> Volume:
-    """A projection image (no patient orientation): display orientation on an axis-aligned grid, like a PNG."""
+def _read_as_projection(
+    path: Path, header: Dataset, pixels: np.ndarray, spacing_yx: tuple[float, float], letters: tuple[str, str] | None
+) -> Volume:
+    """A projection image: display orientation on an axis-aligned grid, like a PNG (stays 2D after canonical())."""
     meta = _meta(header, path, pixels.shape[1])
-    pixels, spacing_yx, orientation = _to_display_orientation(header, pixels, spacing_yx, path)
-    if orientation is not None:
-        meta["patient_orientation"] = orientation
+    if letters is not None:
+        pixels, spacing_yx, letters = _to_display_orientation(letters, pixels, spacing_yx, path)
+    if letters is not None:
+        meta["patient_orientation"] = "\\".join(letters)
     affine = affine_from_spacing((_slice_thickness(header), *spacing_yx))
     return Volume(np.ascontiguousarray(pixels), affine, modality=_modality(header), meta=meta)
 
 
-def _to_display_orientation(
-    ds: Dataset, pixels: np.ndarray, spacing_yx: tuple[float, float], path: Path
-) -> tuple[np.ndarray, tuple[float, float], str | None]:
-    """Flip/transpose ``(C, Z, Y, X)`` pixels so that ``PatientOrientation`` reads ``L\\F`` (or ``P\\F``).
-
-    Returns the pixels, their ``(Y, X)`` spacing and the orientation honoured
-    (``None`` when the tag is absent or unusable; the pixels are then kept as stored).
-    """
+def _patient_orientation(ds: Dataset) -> tuple[str, str] | None:
     value = ds.get("PatientOrientation")
-    if not value or len(value) != 2:
-        return pixels, spacing_yx, None
-    row, col = (str(v).strip().upper()[:1] for v in value)  # first letter of e.g. "LF" (oblique)
+    return (str(value[0]), str(value[1])) if value and len(value) == 2 else None
+
+
+def _direction_letter(lps: np.ndarray) -> str:
+    """Patient direction letter of the dominant component of an LPS unit vector."""
+    axis = int(np.argmax(np.abs(lps)))
+    return ("LPH" if lps[axis] > 0 else "RAF")[axis]
+
+
+def _to_display_orientation(
+    letters: tuple[str, str], pixels: np.ndarray, spacing_yx: tuple[float, float], path: Path
+) -> tuple[np.ndarray, tuple[float, float], tuple[str, str] | None]:
+    """Flip/transpose ``(C, Z, Y, X)`` pixels whose rows/columns run along ``letters`` to read ``L\\F`` (or ``P\\F``).
+
+    Returns the pixels, their ``(Y, X)`` spacing and the letters honoured
+    (``None`` when they are not two in-plane directions; the pixels are then kept as stored).
+    """
+    row, col = (v.strip().upper()[:1] for v in letters)  # first letter of e.g. "LF" (oblique)
     if row not in _DISPLAY_AXIS or col not in _DISPLAY_AXIS or _DISPLAY_AXIS[row][0] == _DISPLAY_AXIS[col][0]:
-        warnings.warn(f"{path}: PatientOrientation {list(value)} is not a pair of in-plane directions; pixels kept as stored", stacklevel=4)
+        warnings.warn(f"{path}: PatientOrientation {list(letters)} is not a pair of in-plane directions; pixels kept as stored", stacklevel=4)
         return pixels, spacing_yx, None
     if _DISPLAY_AXIS[row][0] == 1:  # image rotated by 90 degrees: its rows run along the body axis
         pixels, spacing_yx, (row, col) = pixels.swapaxes(2, 3), spacing_yx[::-1], (col, row)
@@ -216,7 +234,7 @@ def _to_display_orientation(
         pixels = pixels[..., ::-1]
     if _DISPLAY_AXIS[col][1] < 0:
         pixels = pixels[..., ::-1, :]
-    return pixels, spacing_yx, "\\".join(str(v) for v in value)
+    return pixels, spacing_yx, letters
 
 
 def _frame_positions(header: Dataset, per_frame: Sequence[Dataset] | None, frames: int) -> np.ndarray | None:
