@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from spadkit.catalog import DatasetEntry
+from spadkit.errors import SpadkitError, StoreError
 from spadkit.ingest import discover_cases, ingest
 from spadkit.io import OMEZarrStore
 from tests.conftest import write_nifti_array
@@ -177,3 +180,162 @@ def test_empty_folder_says_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no cases found"):
         ingest(tmp_path / "empty", str(tmp_path / "x.zarr"), progress=False)
+
+
+def test_a_float_label_is_checked_in_every_voxel(tmp_path, rng):
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    write_nifti_array(root / "images" / "case.nii.gz", rng.normal(size=(16, 16, 12)).astype(np.float32))
+    label = np.zeros((16, 16, 12), np.float32)
+    label[2, 3, 0], label[4, 4, 0] = np.nan, 0.5  # slice z=0, far from the middle slice
+    write_nifti_array(root / "labels" / "case.nii.gz", label)
+    report = ingest(root, str(tmp_path / "out.zarr"), progress=False)
+    assert "label map holds 2 non-integer or non-finite voxels" in report.failed["case"]
+    assert OMEZarrStore(str(tmp_path / "out.zarr")).cases() == []
+
+
+def _padded_ct(rng) -> np.ndarray:
+    """(x, y, z) CT: air and soft tissue inside a circular field of view, -3024 outside it (as scanners pad)."""
+    xx, yy = np.mgrid[:64, :64]
+    inside = (xx - 31.5) ** 2 + (yy - 31.5) ** 2 <= 32**2
+    body = (xx - 31.5) ** 2 / 20**2 + (yy - 31.5) ** 2 / 14**2 <= 1
+    plane = np.where(body, 40, -1000).astype(np.int16)
+    ct = np.repeat(plane[..., None], 24, axis=2) + rng.integers(-10, 11, size=(64, 64, 24)).astype(np.int16)
+    ct[~inside] = -3024
+    return ct
+
+
+def test_pumit_body_percentiles_map_air_to_zero_on_a_padded_ct(tmp_path, rng):
+    (tmp_path / "ds").mkdir()
+    ct = _padded_ct(rng)
+    write_nifti_array(tmp_path / "ds" / "ct.nii.gz", ct)
+    url = str(tmp_path / "ct.zarr")
+    assert ingest(tmp_path / "ds", url, modality="CT", progress=False).ok
+    [stats] = OMEZarrStore(url).case_attrs("ct")["intensity"]
+
+    def scaled(value: float, entry: dict) -> float:
+        return float(np.clip((value - entry["p0.5"]) / (entry["p99.5"] - entry["p0.5"]), 0, 1))
+
+    assert scaled(-1000, stats) > 0.5  # all voxels: the padding is "black", air sits above the middle
+    assert scaled(-1000, stats["body"]) == pytest.approx(0.0, abs=0.01)  # PUMIT's foreground: air is 0
+    body = ct[ct > ct.min()].astype(np.float64)
+    assert stats["body"]["count"] == body.size and stats["body"]["min"] == body.min()
+    for p in (0.5, 1, 50, 99, 99.5):
+        assert stats["body"][f"p{p:g}"] == pytest.approx(np.percentile(body, p))
+        assert stats[f"p{p:g}"] == pytest.approx(np.percentile(ct.astype(np.float64), p))
+    assert OMEZarrStore(url).info["fingerprint"]["intensity"]["0:CT"]["median_case_body_p0.5"] == stats["body"]["p0.5"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_chunk_wise_statistics_equal_numpy_on_volumes_larger_than_a_slab(monkeypatch, rng, dtype):
+    from spadkit import stats
+
+    monkeypatch.setattr(stats, "SLAB_VOXELS", 1000)  # many slabs
+    monkeypatch.setattr(stats, "MAX_HISTOGRAM_BINS", 1 << 22 if dtype is np.int32 else 1)
+    data = (rng.normal(0, 300, size=(2, 30, 17, 23)) + rng.integers(0, 2, size=(2, 30, 17, 23)) * -2000).astype(dtype)
+    data[0, :3] = data[0].min()
+    label = (rng.random((1, 30, 17, 23)) > 0.7).astype(np.uint8)
+    for channel, entry in enumerate(stats.intensity_stats(data, label)):
+        values = data[channel].astype(np.float64)
+        for key, subset in (("all", values.ravel()), ("body", values[values > values.min()]), ("foreground", values[label[0] > 0])):
+            got = entry if key == "all" else entry[key]
+            assert got["count"] == subset.size
+            assert got["mean"] == pytest.approx(subset.mean()) and got["std"] == pytest.approx(subset.std())
+            assert [got[f"p{p:g}"] for p in stats.PERCENTILES] == pytest.approx(np.percentile(subset, stats.PERCENTILES).tolist())
+
+
+def test_assumed_spacing_is_recorded_and_left_out_of_the_fingerprint(tmp_path, rng):
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_nifti_array(root / "ct.nii.gz", rng.normal(size=(32, 32, 10)).astype(np.float32), np.diag([0.5, 0.5, 2.0, 1.0]))
+    Image.fromarray(rng.integers(0, 255, size=(40, 40), dtype=np.uint8)).save(root / "xray.png")
+    url = str(tmp_path / "mixed.zarr")
+    assert ingest(root, url, progress=False).ok
+    store = OMEZarrStore(url)
+    assert store.case_attrs("xray")["spacing_assumed"] is True and store.case_attrs("ct")["spacing_assumed"] is False
+    spacing = store.info["fingerprint"]["spacing_zyx_mm"]
+    assert spacing["median"] == [2.0, 0.5, 0.5] and spacing["assumed_cases_left_out"] == 1
+    assert store.info["fingerprint"]["cases"]["xray"]["spacing_assumed"] is True
+
+
+def test_every_file_read_is_recorded_as_the_source(tmp_path, rng):
+    import nrrd
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    nrrd.write(str(root / "scan.nhdr"), rng.normal(size=(12, 10, 8)).astype(np.float32), {"space": "left-posterior-superior"}, detached_header=True)
+    assert ingest(root, str(tmp_path / "n.zarr"), progress=False).ok
+    files = OMEZarrStore(str(tmp_path / "n.zarr")).case_attrs("scan")["source"]["files"]
+    assert [Path(f).name for f in files] == ["scan.nhdr", "scan.raw.gz"]
+
+
+def test_a_rerun_redoes_a_case_marked_complete_without_its_arrays(msd_folder, tmp_path):
+    url = str(tmp_path / "toy.zarr")
+    ingest(msd_folder, url, entry=_entry(), progress=False)
+    shutil.rmtree(Path(url) / "toy_000" / "0")  # what a concurrent second ingest used to leave behind
+    report = ingest(msd_folder, url, entry=_entry(), progress=False)
+    assert report.written == ["toy_000"] and "image level 0 is missing" in report.repaired["toy_000"]
+    assert OMEZarrStore(url).read_image("toy_000").numpy().shape == (2, 12, 18, 20)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 2.5])
+def test_bad_worker_counts_are_refused(msd_folder, tmp_path, workers):
+    with pytest.raises(SpadkitError, match="number of workers must be at least 1"):
+        ingest(msd_folder, str(tmp_path / "x.zarr"), num_workers=workers, progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_an_out_that_is_a_file_or_cannot_be_created_is_refused(msd_folder, tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    with pytest.raises(StoreError, match="an existing file, not a store folder") as info:
+        ingest(msd_folder, str(existing), progress=False)
+    assert info.value.path == str(existing) and existing.read_text() == "keep me"
+    with pytest.raises(StoreError, match="cannot create the store here") as info:
+        ingest(msd_folder, str(existing / "sub.zarr"), progress=False)
+    assert "folder you can write to" in str(info.value)
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(msd_folder, tmp_path, monkeypatch):
+    pytest.importorskip("distributed")
+    import spadkit.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "SCHEDULER_TIMEOUT_S", 1.0)
+    with pytest.raises(SpadkitError, match="cannot reach the Dask scheduler") as info:
+        ingest(msd_folder, str(tmp_path / "x.zarr"), scheduler_address="tcp://127.0.0.1:9", progress=False)
+    assert info.value.path == "tcp://127.0.0.1:9"
+
+
+def test_ingest_cli_errors_exit_2_without_traceback(msd_folder, tmp_path, capsys):
+    from spadkit.cli import main
+
+    (tmp_path / "file.zarr").write_text("")
+    for args in (["--workers", "-1"], ["--workers", "0"]):
+        assert main(["ingest", str(msd_folder), "--out", str(tmp_path / "a.zarr"), "--quiet", *args]) == 2
+        assert "number of workers must be at least 1" in capsys.readouterr().err
+    assert main(["ingest", str(msd_folder), "--out", str(tmp_path / "file.zarr"), "--quiet"]) == 2
+    assert f"{tmp_path / 'file.zarr'}: --out is an existing file" in capsys.readouterr().err
+
+
+def test_default_workers_fit_the_available_memory(msd_folder, monkeypatch):
+    import spadkit.ingest as ingest_module
+
+    cases = discover_cases(msd_folder)
+    case_bytes = 20 * 18 * 12 * 2 * 4 + 20 * 18 * 12  # float32 2-channel image + uint8 label
+    monkeypatch.setattr(ingest_module.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(ingest_module, "available_memory", lambda: int(2.5 * ingest_module.CASE_MEMORY_FACTOR * case_bytes))
+    assert ingest_module.default_workers(cases) == 2
+    monkeypatch.setattr(ingest_module, "available_memory", lambda: 10)
+    assert ingest_module.default_workers(cases) == 1
+    monkeypatch.setattr(ingest_module, "available_memory", lambda: 1 << 40)
+    assert ingest_module.default_workers(cases) == 16
+
+
+def test_available_memory_is_positive_and_below_the_total():
+    from spadkit.ingest import available_memory
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < available_memory() <= total

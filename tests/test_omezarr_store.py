@@ -169,3 +169,81 @@ def test_store_metadata_is_plain_json_on_disk(store, mni_crop):
     doc = json.loads((Path(store.url) / "brain" / "zarr.json").read_text())
     assert doc["attributes"]["spadkit"]["complete"] is True
     assert doc["attributes"]["spadkit"]["spacing_zyx_mm"] == [1.0, 1.0, 1.0]
+
+
+def _world_centroid(label: LabelVolume) -> np.ndarray:
+    """World (x, y, z) mm of the centroid of a label's foreground, through the label's own affine."""
+    zyx = np.argwhere(label.numpy()[0] > 0).mean(axis=0)
+    return (label.affine @ [*zyx[::-1], 1.0])[:3]
+
+
+def test_label_pyramid_levels_stay_on_their_affine(store):
+    """A ball at 0.78 mm: every level's label lands where its affine says (the first-voxel rule was 0.39 mm off at level 1)."""
+    spacing = (0.78, 0.78, 0.78)
+    zz, yy, xx = np.mgrid[:64, :160, :160]
+    ball = ((zz - 31.5) ** 2 + (yy - 79.5) ** 2 + (xx - 79.5) ** 2 <= 20**2).astype(np.uint8)
+    image = Volume.from_spacing(ball.astype(np.int16) * 100, spacing, origin=(-50.0, 10.0, 3.0))
+    store.write_case("ball", image, LabelVolume(ball, image.affine))
+    level0 = _world_centroid(store.read_label("ball"))
+    assert store.case_attrs("ball")["pyramid_factors_zyx"][:3] == [[1, 1, 1], [2, 2, 2], [4, 4, 4]]
+    for level in (1, 2):
+        label = store.read_label("ball", level=level)
+        np.testing.assert_allclose(_world_centroid(label), level0, atol=0.05)
+        assert set(np.unique(label.numpy())) == {0, 1}  # a mode, not an average: no new values
+
+
+def test_block_mode_takes_the_most_frequent_value_and_the_smaller_on_ties():
+    from spadkit.io.pyramid import block_mode
+
+    rows = np.array([[3, 1, 3, 2], [5, 5, 0, 0], [7, 7, 7, 7]])
+    np.testing.assert_array_equal(block_mode(rows), [3, 0, 7])
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "labels", "../seg"])
+def test_invalid_label_names_are_refused_and_change_nothing(store, mni_crop, bad):
+    seg = (mni_crop.numpy() > 60).astype(np.uint8)
+    store.write_case("brain", mni_crop, LabelVolume(seg, mni_crop.affine))
+    with pytest.raises(StoreError, match="invalid label name"):
+        store.save_label("brain", LabelVolume(seg, mni_crop.affine), name=bad)
+    assert store.label_names("brain") == ["seg"]
+    assert sorted(p.name for p in (Path(store.url) / "brain" / "labels").iterdir()) == ["seg", "zarr.json"]
+
+
+def test_a_format_1_store_stays_readable_and_is_upgraded_by_a_write(store, mni_crop):
+    store.write_case("old", mni_crop, attrs={"intensity": [{"min": 0.0, "max": 1.0, "mean": 0.5, "std": 0.1, "count": 1}]})
+    attrs = store.case_attrs("old")
+    for key in ("case_format", "spacing_assumed", "all_chunks_written"):
+        del attrs[key]
+    store.root["old"].attrs["spadkit"] = attrs  # as spadkit wrote cases before format 2
+    store.update_info(store_format=1)
+    old = OMEZarrStore(store.url)
+    assert old.info["store_format"] == 1 and old.cases() == ["old"]
+    np.testing.assert_array_equal(old.read_image("old").numpy(), mni_crop.numpy())
+    assert old.read_image("old").meta["spacing_assumed"] is False
+    writer = OMEZarrStore(store.url, mode="a")
+    writer.write_case("new", mni_crop)
+    assert writer.info["store_format"] == 2 and writer.case_attrs("new")["case_format"] == 2
+
+
+def test_spacing_assumed_is_recorded_from_the_volume(store, mni_crop):
+    assumed = Volume(mni_crop.numpy(), mni_crop.affine, meta={"spacing_assumed": True})
+    store.write_case("png_like", assumed)
+    assert store.case_attrs("png_like")["spacing_assumed"] is True
+    assert store.read_image("png_like").meta["spacing_assumed"] is True
+
+
+def test_metadata_is_replaced_atomically_on_local_disk(store, mni_crop, monkeypatch):
+    store.write_case("brain", mni_crop)
+    import spadkit.io.zarrstore as zarrstore
+
+    def dies_while_writing(path, data):
+        with zarrstore.atomic_path(path) as tmp:
+            Path(tmp).write_bytes(data[: len(data) // 2])
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(zarrstore, "_replace_file", dies_while_writing)
+    with pytest.raises(OSError, match="No space"):
+        store.update_info(dataset="renamed")
+    monkeypatch.undo()
+    assert OMEZarrStore(store.url).info.get("dataset") is None  # the old document is intact
+    assert not [p for p in Path(store.url).iterdir() if "partial" in p.name]
