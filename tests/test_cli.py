@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from lightning.pytorch import Callback
 
 from spadkit.cli import build_parser, main
 from spadkit.io import OMEZarrStore
@@ -115,18 +116,19 @@ def test_pretrain_runs_a_bundled_config_and_exports_weights(tmp_path):
 
     run_demo(tmp_path / "demo")
     export = tmp_path / "weights"
-    code = main(
-        [
-            "pretrain", "--config", "tokenizer_tiny",
-            "--trainer.max_steps=3", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            f"--data.train=[{tmp_path / 'demo' / 'demo.zarr'}]",
-            f"--model.init_args.export_dir={export}",
-        ]
-    )  # fmt: skip
-    assert code == 0
+    args = [
+        "pretrain", "--config", "tokenizer_tiny", "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--data.train=[{tmp_path / 'demo' / 'demo.zarr'}]",
+        f"--model.init_args.export_dir={export}",
+    ]  # fmt: skip
+    assert main([*args, "--trainer.max_steps=2"]) == 0
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    first_steps = load_pretrained(export)[1].provenance["steps"]
+    # resuming reads the real Lightning checkpoint with the forced weights_only=True, and continues
+    assert main([*args, "--trainer.max_steps=4", f"--ckpt_path={checkpoint}"]) == 0
     _, cfg = load_pretrained(export)
-    assert cfg.architecture == "spad_vt_test" and cfg.provenance["steps"] == 3
+    assert cfg.architecture == "spad_vt_test" and cfg.provenance["steps"] > first_steps
     assert cfg.provenance["datasets"] == ["demo.zarr"]
     assert cfg.provenance["data"]["intensity"] == "percentile" and "total_stride" in cfg.provenance["data"]["patch_size"]
     assert cfg.intensity.startswith("percentile")
@@ -140,3 +142,22 @@ def test_every_bundled_config_parses(config, capsys):
     assert info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: spadkit.tasks." in printed and "patch_multiple: spad\n" in printed
+
+
+class RecordingCallback(Callback):
+    """A callback outside spadkit, for the import allowlist test."""
+
+
+def test_config_imports_outside_the_allowlist_need_spadkit_config_imports(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "callbacks.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_cli.RecordingCallback\n")
+    argv = ["pretrain", "--config", "tokenizer_tiny", "--config", str(config), "--print_config"]
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2 and "Importing 'tests.test_cli.RecordingCallback' is not allowed" in capsys.readouterr().err
+    monkeypatch.setenv("SPADKIT_CONFIG_IMPORTS", "tests.test_cli")
+    with pytest.raises(SystemExit) as allowed:
+        main(argv)
+    assert allowed.value.code == 0 and "class_path: tests.test_cli.RecordingCallback" in capsys.readouterr().out
+    monkeypatch.setenv("SPADKIT_CONFIG_IMPORTS", "jsonargparse")
+    assert main(argv) == 2 and "SPADKIT_CONFIG_IMPORTS" in capsys.readouterr().err

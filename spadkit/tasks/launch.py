@@ -6,9 +6,10 @@ could otherwise do are closed here:
 
 * ``class_path`` (and any other import path given as a value) may only name
   objects under :data:`ALLOWED_IMPORTS` (spadkit, Lightning's callbacks,
-  loggers, strategies, plugins and profilers, ``torch.optim``). Anything else
-  is refused *before* it is imported, using jsonargparse's import-path policy
-  (a module's import alone can run code).
+  loggers, strategies, plugins and profilers, ``torch.optim``) or under a
+  prefix listed in ``$SPADKIT_CONFIG_IMPORTS``. Anything else is refused
+  *before* it is imported, using jsonargparse's import-path policy (a
+  module's import alone can run code).
 * Checkpoints (``ckpt_path``) are always read with ``weights_only=True``: a
   config that sets ``weights_only: false`` is refused, and a local checkpoint
   is opened tensors-only before Lightning touches it, so a hostile or
@@ -18,6 +19,7 @@ could otherwise do are closed here:
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import sys
 from collections.abc import Sequence
@@ -43,6 +45,8 @@ ALLOWED_IMPORTS = (
     "lightning.pytorch.profilers",
     "torch.optim",
 )
+#: Environment variable adding comma-separated module prefixes to :data:`ALLOWED_IMPORTS` (your own callbacks or models).
+IMPORTS_ENV = "SPADKIT_CONFIG_IMPORTS"
 #: ``ckpt_path`` values Lightning resolves itself (not file paths).
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 
@@ -66,15 +70,32 @@ def check_config_file(path: str) -> str:
     return path
 
 
-def restrict_config_imports(allowed: Sequence[str] = ALLOWED_IMPORTS) -> None:
+def allowed_imports() -> list[str]:
+    """:data:`ALLOWED_IMPORTS` plus the comma-separated prefixes in ``$SPADKIT_CONFIG_IMPORTS``.
+
+    Raises:
+        SpadkitError: an entry of the variable is not a dotted module path.
+    """
+    extra = [p.strip() for p in os.environ.get(IMPORTS_ENV, "").split(",") if p.strip()]
+    for prefix in extra:
+        if not all(part.isidentifier() for part in prefix.split(".")) or prefix.split(".")[0] == "jsonargparse":
+            raise SpadkitError(f"{IMPORTS_ENV} entry {prefix!r} is not a dotted module path", fix=f"e.g. {IMPORTS_ENV}=mylab.callbacks,mylab.models")
+    return [*ALLOWED_IMPORTS, *extra]
+
+
+def restrict_config_imports(allowed: Sequence[str] | None = None) -> None:
     """Make jsonargparse refuse every import path in parsed values except those under ``allowed``.
 
-    The setting is process-wide (jsonargparse keeps one policy); paths that
-    come from code (type hints, defaults) are not affected.
+    Args:
+        allowed: module prefixes; default :func:`allowed_imports`.
+
+    The setting is process-wide (jsonargparse keeps one policy, and allowed
+    prefixes accumulate over calls); paths that come from code (type hints,
+    defaults) are not affected.
     """
     from jsonargparse import set_parsing_settings
 
-    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=list(allowed))
+    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=list(allowed or allowed_imports()))
 
 
 def check_checkpoint(ckpt_path: str | None, weights_only: bool | None) -> None:
