@@ -15,13 +15,15 @@ than slicing Zarr here, and a Dask compute hangs in forked DataLoader workers
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from spadkit.errors import CorruptFileError, StoreError
 
@@ -89,10 +91,21 @@ class CachedArray:
         cache: the shared cache.
         check_missing: raise when a chunk file is absent instead of reading the fill
             value; right for arrays whose writer stored every chunk.
+        url: path or fsspec URL of the array's folder (with ``storage_options``), used
+            to name a missing chunk file; without it a damaged array is reported as a whole.
     """
 
-    def __init__(self, array: zarr.Array, cache: ChunkCache, *, check_missing: bool = False):
+    def __init__(
+        self,
+        array: zarr.Array,
+        cache: ChunkCache,
+        *,
+        check_missing: bool = False,
+        url: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ):
         self.array = array
+        self.url, self.storage_options = url, storage_options
         self.cache = cache
         self.check_missing = check_missing
         self.name = f"{array.store_path}"
@@ -100,6 +113,7 @@ class CachedArray:
         self.shape = tuple(int(s) for s in array.shape)
         self._storage_grid = tuple(int(s) for s in (array.shards or array.chunks))
         self._verified: set[tuple[int, ...]] = set()
+        self._complete: bool | None = None  # every storage object present (counted once, on first need)
 
     def read(self, box: Sequence[slice], out: np.ndarray) -> None:
         """Copy ``array[box]`` into ``out`` (same shape; any dtype: values are cast).
@@ -153,14 +167,31 @@ class CachedArray:
             ) from error
 
     def _check_stored(self, indices: list[tuple[int, ...]]) -> None:
-        """Raise :class:`StoreError` if the storage object (chunk or shard) holding a chunk is absent."""
+        """Raise :class:`StoreError` if the storage object (chunk or shard) holding a chunk is absent.
+
+        Counted once per array with Zarr's public ``nchunks_initialized`` (one listing):
+        a complete array is never checked again. In a damaged one, each storage object
+        a read needs is looked up through fsspec (``url``) so the error names the file.
+        """
+        if self._complete is None:
+            per_object = math.prod(g // c for g, c in zip(self._storage_grid, self.chunks))
+            objects = math.prod(-(-n // g) for n, g in zip(self.shape, self._storage_grid))
+            self._complete = self.array.nchunks_initialized // per_object >= objects
+        if self._complete:
+            return
+        if self.url is None:
+            self._missing("some chunk files of this array are missing")
+        fs, root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
         per_storage = [tuple(i * c // g for i, c, g in zip(idx, self.chunks, self._storage_grid)) for idx in indices]
         for key_idx in set(per_storage) - self._verified:
             key = self.array.metadata.encode_chunk_key(key_idx)
-            if not sync((self.array.store_path / key).exists()):
-                raise StoreError(
-                    f"chunk file {key} is missing (the store lost data, e.g. an interrupted copy)",
-                    path=self.name,
-                    fix="copy the store again, or re-ingest this case with `spadkit ingest` (it redoes removed cases).",
-                )
+            if not fs.exists(f"{root.rstrip('/')}/{key}"):
+                self._missing(f"chunk file {key} is missing")
             self._verified.add(key_idx)
+
+    def _missing(self, what: str) -> None:
+        raise StoreError(
+            f"{what} (the store lost data, e.g. an interrupted copy)",
+            path=self.name,
+            fix="copy the store again, or re-ingest this case with `spadkit ingest` (it redoes removed cases).",
+        )
