@@ -5,7 +5,7 @@ Both ``spadkit pretrain`` and :func:`spadkit.demo.pretrain_demo` call
 could otherwise do are closed here:
 
 * ``class_path`` (and any other import path given as a value) may only name
-  objects under :data:`ALLOWED_IMPORTS` (spadkit, Lightning's callbacks,
+  objects under :data:`ALLOWED_IMPORTS` (spadkit's tasks, data and models, Lightning's callbacks,
   loggers, strategies, plugins and profilers, ``torch.optim``) or under a
   prefix listed in ``$SPADKIT_CONFIG_IMPORTS``. Anything else is refused
   *before* it is imported, using jsonargparse's import-path policy (a
@@ -37,7 +37,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: Import paths a config value (``class_path``, ...) may name; everything else is refused.
 ALLOWED_IMPORTS = (
-    "spadkit",
+    "spadkit.tasks",
+    "spadkit.data",
+    "spadkit.models",
     "lightning.pytorch.callbacks",
     "lightning.pytorch.loggers",
     "lightning.pytorch.strategies",
