@@ -13,6 +13,7 @@ import fnmatch
 import json
 import os
 import re
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -80,16 +81,30 @@ class PretrainedCfg:
             raise CorruptFileError("not a valid pretrained config (no 'architecture')", path=source, fix=fix)
         for name, value in values.items():
             hint = hints[name]
-            expected = typing.get_origin(hint) or hint
-            wrong = not isinstance(value, expected) or isinstance(value, bool)
-            if expected is list:
-                wrong = wrong or not all(isinstance(v, str) for v in value)
-            if wrong:
+            if not _matches(value, hint):
                 raise CorruptFileError(f"pretrained config field {name!r} must be {_type_name(hint)}, not {type(value).__name__} {_short(value)}", path=source, fix=fix)
             low, high = _CFG_RANGES.get(name, (None, None))
             if low is not None and not low <= value <= high:
                 raise CorruptFileError(f"pretrained config field {name!r} = {_short(value)} is outside {low}..{high}", path=source, fix=fix)
         return cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (``int`` excludes ``bool``; JSON arrays fit lists and tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is None or hint is type(None):
+        return value is None
+    return isinstance(value, hint) and not (isinstance(value, bool) and hint is not bool)
 
 
 def _type_name(hint: Any) -> str:
