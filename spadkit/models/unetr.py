@@ -50,7 +50,7 @@ def load_backbone(name: str, pretrained: str | os.PathLike | None, in_chans: int
     Raises:
         SpadkitError: the folder holds another architecture or another channel count.
     """
-    if pretrained is None:
+    if pretrained is None or torch.empty(()).is_meta:  # create_model's meta-device size check: no weights to load
         return create_model(name, in_chans=in_chans, **kwargs)
     _, cfg = load_pretrained(pretrained)
     if cfg.architecture != name:

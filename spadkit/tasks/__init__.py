@@ -1,4 +1,4 @@
-"""LightningModules: tokenizer training and SPAD-ViT pretraining.
+"""LightningModules: tokenizer training, SPAD-ViT pretraining, segmentation/classification fine-tuning.
 
 Names are imported on first use, so ``import spadkit.tasks`` costs nothing
 until a task class is asked for (and never loads the zarr/dask data stack).
@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 from spadkit._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from spadkit.tasks.finetune import ClsFinetune, SegFinetune
     from spadkit.tasks.pretrain import MIMPretrain, adamw_with_cosine
     from spadkit.tasks.tokenizer import TokenizerPretrain
 
-_EXPORTS = {"MIMPretrain": "spadkit.tasks.pretrain", "adamw_with_cosine": "spadkit.tasks.pretrain", "TokenizerPretrain": "spadkit.tasks.tokenizer"}
-__all__ = ["MIMPretrain", "TokenizerPretrain", "adamw_with_cosine"]
+_EXPORTS = {"ClsFinetune": "spadkit.tasks.finetune", "SegFinetune": "spadkit.tasks.finetune", "MIMPretrain": "spadkit.tasks.pretrain", "adamw_with_cosine": "spadkit.tasks.pretrain", "TokenizerPretrain": "spadkit.tasks.tokenizer"}
+__all__ = ["ClsFinetune", "MIMPretrain", "SegFinetune", "TokenizerPretrain", "adamw_with_cosine"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,298 @@
+"""Few-shot fine-tuning of SPAD-ViT models: segmentation (SPAD-UNETR) and classification.
+
+Both tasks share
+
+* **freezing schedules** (``freeze``): ``"head"`` trains everything but the backbone
+  (the decoder or the classifier: a linear probe with ``head="linear"``),
+  ``"last"`` also the last ``unfreeze_blocks`` transformer blocks and the final norm,
+  ``"full"`` everything;
+* **layer-wise learning-rate decay** (BEiT/MAE fine-tuning): block ``i`` of ``D`` trains
+  at ``lr * layer_decay ** (D - i)``, the embeddings at ``layer_decay ** (D + 1)``, the
+  decoder/head at ``lr``; no weight decay on biases, norms and tokens;
+* AdamW with linear warm-up then cosine decay;
+* checkpoints that do not depend on the pretraining folder: the backbone folder is read
+  once at construction and dropped from the saved hyper-parameters, so
+  ``load_from_checkpoint(path, weights_only=True)`` rebuilds from the checkpoint alone.
+
+Batches: ``image`` ``(B, C, Z, Y, X)`` (normalised as in pretraining), ``spacing`` ``(B, 3)``
+mm, ``label`` (``(B, 1, Z, Y, X)`` integer classes for segmentation, ``(B,)`` for
+classification) and optionally ``annotated`` ``(B, 1, Z, Y, X)`` bool: the voxels a person
+labelled. Unannotated voxels are *unknown*: the loss ignores them (never background).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from monai.losses import MaskedDiceLoss
+from monai.metrics import ConfusionMatrixMetric, DiceMetric, ROCAUCMetric
+from torch import nn
+
+from spadkit.errors import SpadkitError
+from spadkit.models import create_model, load_state_dict
+
+Freeze = Literal["head", "last", "full"]
+
+
+def apply_freeze(model: nn.Module, freeze: Freeze = "full", unfreeze_blocks: int = 0) -> None:
+    """Set ``requires_grad`` by a freezing schedule (see the module docstring) on a model with a ``backbone``."""
+    if freeze not in ("head", "last", "full"):
+        raise SpadkitError(f"unknown freeze schedule {freeze!r}", fix="use 'head', 'last' (with unfreeze_blocks=N) or 'full'.")
+    model.requires_grad_(True)
+    if freeze == "full":
+        return
+    backbone = model.backbone
+    backbone.requires_grad_(False)
+    if freeze == "last":
+        if not 0 < unfreeze_blocks <= len(backbone.blocks):
+            raise SpadkitError(f"unfreeze_blocks must lie in 1..{len(backbone.blocks)} for freeze='last', got {unfreeze_blocks}", fix="pick how many final blocks to train.")
+        for block in backbone.blocks[len(backbone.blocks) - unfreeze_blocks :]:
+            block.requires_grad_(True)
+        backbone.norm.requires_grad_(True)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Depth index of a parameter for layer-wise decay: 0 embeddings, ``i + 1`` block ``i``, ``depth + 1`` the rest."""
+    if not name.startswith("backbone."):
+        return depth + 1
+    rest = name[len("backbone.") :]
+    if rest.startswith("blocks."):
+        return int(rest.split(".")[1]) + 1
+    if rest.startswith(("patch_embed", "cls_token", "mask_token", "pos_embed")):
+        return 0
+    return depth + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters with ``lr_scale`` (layer-wise decay) and weight decay
+    (none on 1-D parameters and the backbone's tokens)."""
+    depth = len(model.backbone.blocks)
+    no_decay = {f"backbone.{n}" for n in model.backbone.no_weight_decay()}
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lid, decay = layer_id(name, depth), not (param.ndim <= 1 or name in no_decay)
+        group = groups.setdefault((lid, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": layer_decay ** (depth + 1 - lid)})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, load_head: bool = True) -> None:
+    """Load a fine-tuned state dict (``save_pretrained``'s ``model.pt`` or a Lightning ``.ckpt``, read with
+    ``weights_only=True``) into ``model``, with errors that say which count differs and how to fix it."""
+    state = load_state_dict(path)
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    own = model.state_dict()
+    embed = "backbone.patch_embed.weight"
+    if embed in state and state[embed].shape[1] != own[embed].shape[1]:
+        raise SpadkitError(
+            f"the checkpoint takes {state[embed].shape[1]}-channel images, the model {own[embed].shape[1]}",
+            path=path,
+            fix=f"set in_chans={state[embed].shape[1]} (and feed that many channels), or fine-tune from the pretrained backbone instead.",
+        )
+    head = [k for k in own if k.startswith("head.")]
+    if not load_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    elif any(k in state and state[k].shape != own[k].shape for k in head):
+        theirs = state[head[0]].shape[0]
+        raise SpadkitError(
+            f"the checkpoint predicts {theirs} classes, the model is configured for {own[head[0]].shape[0]}",
+            path=path,
+            fix=f"set num_classes={theirs} to use it as it is, or load_head=False to keep its features and train a new head.",
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not (k.startswith("head.") and not load_head)] + list(unexpected)
+    if wrong:
+        raise SpadkitError(f"the checkpoint does not fit this model ({', '.join(wrong[:5])} ...)", path=path, fix="pass a checkpoint of the same architecture (model=...).")
+
+
+class _Finetune(L.LightningModule):
+    """Model construction, freezing, optimiser and checkpoint hygiene shared by both tasks."""
+
+    def __init__(self, model: str, model_kwargs: Mapping[str, Any], init_weights: str | None, load_head: bool):
+        super().__init__()
+        self.model = create_model(model, **model_kwargs)
+        if init_weights is not None:
+            load_weights(self.model, init_weights, load_head=load_head)
+        apply_freeze(self.model, self.hparams.freeze, self.hparams.unfreeze_blocks)
+
+    def forward(self, x: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
+        return self.model(x, spacing)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over :func:`param_groups` (each at ``lr * lr_scale``), linear warm-up, then cosine decay to 0."""
+        hp = self.hparams
+        groups = param_groups(self.model, hp.weight_decay, hp.layer_decay)
+        for group in groups:
+            group["lr"] = hp.lr * group["lr_scale"]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), hp.warmup_steps + 1) if self._trainer is not None else 1000
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / max(hp.warmup_steps, 1), total_iters=max(hp.warmup_steps, 1))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - hp.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[max(hp.warmup_steps, 1)])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The weights are in the checkpoint: rebuilding must not need the backbone or init folders."""
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        hparams.update(backbone=None, init_weights=None)
+        checkpoint["hyper_parameters"] = hparams
+
+    def _check_labels(self, labels: torch.Tensor, num_classes: int) -> None:
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise SpadkitError(
+                f"labels span {int(labels.min())}..{int(labels.max())}, the model has {num_classes} classes (0..{num_classes - 1})",
+                fix=f"set num_classes={int(labels.max()) + 1} (model.init_args.num_classes in YAML) or remap the label values.",
+            )
+
+
+class SegFinetune(_Finetune):
+    """Fine-tune a SPAD-UNETR on (partially) annotated volumes.
+
+    Args:
+        model: registered segmenter (``spad_unetr_test``/``small``/``base``).
+        num_classes: classes including background.
+        in_chans: image channels.
+        backbone: pretrained ViT folder (``MIMPretrain``'s export), or None for scratch.
+        init_weights: a fine-tuned checkpoint to continue from (``model.pt`` or ``.ckpt``).
+        load_head: load the checkpoint's voxel classifier too (False: a new head, e.g. other classes).
+        freeze, unfreeze_blocks: the freezing schedule.
+        lr, weight_decay, layer_decay, warmup_steps: optimiser.
+        lambda_dice, lambda_ce: weights of the masked Dice (MONAI) and cross-entropy terms.
+    """
+
+    def __init__(
+        self,
+        model: str = "spad_unetr_test",
+        num_classes: int = 2,
+        in_chans: int = 1,
+        backbone: str | None = None,
+        init_weights: str | None = None,
+        load_head: bool = True,
+        freeze: Freeze = "full",
+        unfreeze_blocks: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        layer_decay: float = 0.75,
+        warmup_steps: int = 10,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+    ):
+        self.save_hyperparameters()
+        super().__init__(model, {"num_classes": num_classes, "in_chans": in_chans, "backbone": backbone}, init_weights, load_head)
+        self.dice_loss = MaskedDiceLoss(include_background=False, softmax=True, batch=True)
+        self.dice_metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
+
+    def _targets(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``label`` ``(B, 1, Z, Y, X)`` long and ``annotated`` ``(B, 1, Z, Y, X)`` float (all ones when absent)."""
+        label = batch["label"]
+        label = (label if label.ndim == 5 else label[:, None]).long()
+        annotated = batch.get("annotated")
+        annotated = torch.ones_like(label, dtype=torch.bool) if annotated is None else (annotated if annotated.ndim == 5 else annotated[:, None]).bool()
+        return label, annotated
+
+    def loss(self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        """Masked Dice + cross-entropy over the annotated voxels only.
+
+        Raises:
+            SpadkitError: no voxel of the batch is annotated, or a label exceeds ``num_classes``.
+        """
+        if not annotated.any():
+            raise SpadkitError("the batch has an empty annotated mask: nothing to learn from", fix="sample patches from annotated slices only (or annotate some voxels).")
+        self._check_labels(label[annotated], logits.shape[1])
+        mask = annotated.float()
+        onehot = F.one_hot(label.clamp(min=0)[:, 0], logits.shape[1]).movedim(-1, 1).float()
+        dice = self.dice_loss(logits, onehot, mask)
+        ce = (F.cross_entropy(logits, label[:, 0].clamp(min=0), reduction="none") * mask[:, 0]).sum() / mask.sum()
+        return self.hparams.lambda_dice * dice + self.hparams.lambda_ce * ce
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        label, annotated = self._targets(batch)
+        loss = self.loss(self(batch["image"], batch["spacing"]), label, annotated)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(label))
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        label, annotated = self._targets(batch)
+        logits = self(batch["image"], batch["spacing"])
+        self.log("val/loss", self.loss(logits, label, annotated), batch_size=len(label), sync_dist=True)
+        k = logits.shape[1]
+        keep = annotated.float()
+        pred = F.one_hot(logits.argmax(1), k).movedim(-1, 1).float() * keep
+        self.dice_metric(pred, F.one_hot(label[:, 0].clamp(min=0), k).movedim(-1, 1).float() * keep)
+
+    def on_validation_epoch_end(self) -> None:
+        dice = self.dice_metric.aggregate()
+        self.dice_metric.reset()
+        self.log("val/dice", torch.nan_to_num(dice).mean(), prog_bar=True, sync_dist=True)
+        for c, value in enumerate(dice.tolist(), start=1):
+            self.log(f"val/dice_{c}", value, sync_dist=True)
+
+
+class ClsFinetune(_Finetune):
+    """Fine-tune a SPAD classifier (``spad_cls_*``); ``freeze="head"`` with ``head="linear"`` is a linear probe.
+
+    Args (beyond :class:`SegFinetune`'s): ``pool``, ``head``: the classifier's pooling and head.
+    Validation logs accuracy, balanced accuracy and AUROC (MONAI metrics).
+    """
+
+    def __init__(
+        self,
+        model: str = "spad_cls_test",
+        num_classes: int = 2,
+        in_chans: int = 1,
+        backbone: str | None = None,
+        init_weights: str | None = None,
+        load_head: bool = True,
+        pool: str = "avg",
+        head: str = "linear",
+        freeze: Freeze = "full",
+        unfreeze_blocks: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        layer_decay: float = 0.75,
+        warmup_steps: int = 10,
+        label_smoothing: float = 0.0,
+    ):
+        self.save_hyperparameters()
+        kwargs = {"num_classes": num_classes, "in_chans": in_chans, "backbone": backbone, "pool": pool, "head": head}
+        super().__init__(model, kwargs, init_weights, load_head)
+        self.confusion = ConfusionMatrixMetric(metric_name=["accuracy", "balanced accuracy"], reduction="mean")
+        self.auroc = ROCAUCMetric()
+
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self._check_labels(label, logits.shape[1])
+        return F.cross_entropy(logits, label, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        label = batch["label"].long().reshape(-1)
+        loss = self.loss(self(batch["image"], batch["spacing"]), label)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(label))
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        label = batch["label"].long().reshape(-1)
+        logits = self(batch["image"], batch["spacing"])
+        self.log("val/loss", self.loss(logits, label), batch_size=len(label), sync_dist=True)
+        k = logits.shape[1]
+        onehot = F.one_hot(label, k).float()
+        self.confusion(F.one_hot(logits.argmax(1), k).float(), onehot)
+        self.auroc(logits.softmax(1), onehot)
+
+    def on_validation_epoch_end(self) -> None:
+        accuracy, balanced = (m.mean() for m in _as_list(self.confusion.aggregate()))
+        self.confusion.reset()
+        self.log_dict({"val/accuracy": accuracy, "val/balanced_accuracy": balanced}, prog_bar=True, sync_dist=True)
+        self.log("val/auroc", float(self.auroc.aggregate()), sync_dist=True)  # NaN (MONAI warns) if one class only
+        self.auroc.reset()
+
+
+def _as_list(values: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [values] if isinstance(values, torch.Tensor) else list(values)
