@@ -15,17 +15,14 @@ than slicing Zarr here, and a Dask compute hangs in forked DataLoader workers
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 
-from spadkit.errors import CorruptFileError, StoreError
+from spadkit.errors import CorruptFileError, SpadkitError
 
 ChunkKey = tuple[str, tuple[int, ...]]
 
@@ -89,31 +86,18 @@ class CachedArray:
     Args:
         array: the Zarr array (any number of dimensions).
         cache: the shared cache.
-        check_missing: raise when a chunk file is absent instead of reading the fill
-            value; right for arrays whose writer stored every chunk.
-        url: path or fsspec URL of the array's folder (with ``storage_options``), used
-            to name a missing chunk file; without it a damaged array is reported as a whole.
+
+    A chunk file missing from a store whose writer stored every chunk is reported by
+    the store itself (:class:`spadkit.io.zarrstore.CheckedStore` raises
+    :class:`~spadkit.errors.StoreError` from any read); reads here pass that error on.
     """
 
-    def __init__(
-        self,
-        array: zarr.Array,
-        cache: ChunkCache,
-        *,
-        check_missing: bool = False,
-        url: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-    ):
+    def __init__(self, array: zarr.Array, cache: ChunkCache):
         self.array = array
-        self.url, self.storage_options = url, storage_options
         self.cache = cache
-        self.check_missing = check_missing
         self.name = f"{array.store_path}"
         self.chunks = tuple(int(c) for c in array.chunks)
         self.shape = tuple(int(s) for s in array.shape)
-        self._storage_grid = tuple(int(s) for s in (array.shards or array.chunks))
-        self._verified: set[tuple[int, ...]] = set()
-        self._complete: bool | None = None  # every storage object present (counted once, on first need)
 
     def read(self, box: Sequence[slice], out: np.ndarray) -> None:
         """Copy ``array[box]`` into ``out`` (same shape; any dtype: values are cast).
@@ -123,8 +107,6 @@ class CachedArray:
         ranges = [range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0) for s, c in zip(box, self.chunks)]
         indices = list(itertools.product(*ranges))
         if self.cache.max_bytes == 0:  # no cache: read exactly the window, as a plain Zarr slice would
-            if self.check_missing:
-                self._check_stored(indices)
             out[...] = self._decode(tuple(box), indices)
             return
         chunks = {idx: self.cache.get((self.name, idx)) for idx in indices}
@@ -141,8 +123,6 @@ class CachedArray:
 
     def _fetch(self, indices: list[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
         """Read the chunk-aligned box around ``indices`` in one Zarr call and cache its chunks."""
-        if self.check_missing:
-            self._check_stored(indices)
         lo = [min(idx[d] for idx in indices) for d in range(len(self.shape))]
         hi = [max(idx[d] for idx in indices) + 1 for d in range(len(self.shape))]
         box = tuple(slice(a * c, min(b * c, n)) for a, b, c, n in zip(lo, hi, self.chunks, self.shape))
@@ -159,39 +139,11 @@ class CachedArray:
         """``array[box]`` from Zarr, with decoding errors naming the chunks."""
         try:
             return np.asarray(self.array[box])
+        except SpadkitError:  # the store's own report (a missing chunk file): already names the file
+            raise
         except Exception as error:  # codec errors differ per codec and zarr version
             raise CorruptFileError(
                 f"cannot decode chunks {min(indices)}..{max(indices)} of this array ({type(error).__name__}: {error})",
                 path=self.name,
                 fix="the chunk files are damaged: copy the store again or re-ingest this case with `spadkit ingest`.",
             ) from error
-
-    def _check_stored(self, indices: list[tuple[int, ...]]) -> None:
-        """Raise :class:`StoreError` if the storage object (chunk or shard) holding a chunk is absent.
-
-        Counted once per array with Zarr's public ``nchunks_initialized`` (one listing):
-        a complete array is never checked again. In a damaged one, each storage object
-        a read needs is looked up through fsspec (``url``) so the error names the file.
-        """
-        if self._complete is None:
-            per_object = math.prod(g // c for g, c in zip(self._storage_grid, self.chunks))
-            objects = math.prod(-(-n // g) for n, g in zip(self.shape, self._storage_grid))
-            self._complete = self.array.nchunks_initialized // per_object >= objects
-        if self._complete:
-            return
-        if self.url is None:
-            self._missing("some chunk files of this array are missing")
-        fs, root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
-        per_storage = [tuple(i * c // g for i, c, g in zip(idx, self.chunks, self._storage_grid)) for idx in indices]
-        for key_idx in set(per_storage) - self._verified:
-            key = self.array.metadata.encode_chunk_key(key_idx)
-            if not fs.exists(f"{root.rstrip('/')}/{key}"):
-                self._missing(f"chunk file {key} is missing")
-            self._verified.add(key_idx)
-
-    def _missing(self, what: str) -> None:
-        raise StoreError(
-            f"{what} (the store lost data, e.g. an interrupted copy)",
-            path=self.name,
-            fix="copy the store again, or re-ingest this case with `spadkit ingest` (it redoes removed cases).",
-        )

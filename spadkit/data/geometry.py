@@ -9,7 +9,8 @@ three, so the batch's ``affine`` maps the delivered voxels exactly.
 Affine convention (MONAI's ``MetaTensor``): the columns of a batch affine follow
 the array axes of ``batch["image"][b, c]``, i.e. ``world = A @ (i0, i1, i2, 1)``
 for voxel ``[i0, i1, i2]`` (Z, Y, X). Stores and :class:`~spadkit.volume.Volume`
-keep the NIfTI-style order (columns x, y, z = array axes 2, 1, 0).
+keep the NIfTI-style order (columns x, y, z = array axes 2, 1, 0);
+:func:`spadkit.volume.array_order_affine` converts between the two.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from spadkit.volume import array_order_affine
+
 Shape3 = tuple[int, int, int]
-
-
-def zyx_affine(affine_xyz: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
-    """The same 4x4 affine with its voxel columns in array order ``(Z, Y, X)`` (MONAI) instead of ``(x, y, z)``."""
-    return np.asarray(affine_xyz, dtype=np.float64)[:, [2, 1, 0, 3]]
 
 
 def patch_affine(
@@ -46,7 +44,7 @@ def patch_affine(
     Returns:
         ``(4, 4)`` float64.
     """
-    stored = zyx_affine(case_affine)
+    stored = array_order_affine(np.asarray(case_affine, dtype=np.float64))
     out = np.eye(4)
     out[:3, 3] = stored[:3, :3] @ np.asarray(start, dtype=np.float64) + stored[:3, 3]
     for i, (axis, factor) in enumerate(zip(axes, zoom)):

@@ -44,12 +44,11 @@ class CaseReader:
     def __init__(self, case: CaseInfo, store: OMEZarrStore, cache: ChunkCache, intensity: Intensity = "percentile"):
         self.case = case
         image = _open(lambda: store.read_image(case.case_id, case.level), case, "image")
-        located = {"check_missing": case.all_chunks_written, "storage_options": case.storage_options}
-        self.image = CachedArray(image, cache, url=f"{case.store.rstrip('/')}/{image.path}", **located)
+        self.image = CachedArray(image, cache)
         self.label = None
         if case.label is not None:
             label = _open(lambda: store.read_label(case.case_id, case.label, level=case.level), case, f"label {case.label!r}")
-            self.label = CachedArray(label, cache, url=f"{case.store.rstrip('/')}/{label.path}", **located)
+            self.label = CachedArray(label, cache)
         self.offset, self.scale, self.clip = intensity_transform(case, intensity)
         self.pad_value = np.asarray([s.get("min", 0.0) for s in case.intensity] or [0.0] * case.shape[0], dtype=np.float32)
         self._locations: dict[int, np.ndarray] | None = None

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import itertools
 
-import fsspec
-import fsspec.implementations.local
 import numpy as np
 import pytest
 import zarr
 
 from spadkit.data import ChunkCache, DatasetSource
 from spadkit.data.cache import CachedArray
-from spadkit.errors import StoreError
 from spadkit.io import OMEZarrStore
 from tests.data.conftest import StoreFixture, encoded, expected_window, make_stream, write
 
@@ -51,7 +48,7 @@ def test_cached_array_reads_any_box_exactly(tmp_path, rng):
     data = rng.integers(0, 1 << 30, size=(2, 37, 29, 41), dtype=np.int64)
     array = zarr.create_array(str(tmp_path / "a.zarr"), shape=data.shape, chunks=(1, 8, 16, 7), dtype="int64")
     array[...] = data
-    cached = CachedArray(array, ChunkCache(1 << 20), check_missing=True)
+    cached = CachedArray(array, ChunkCache(1 << 20))
     for _ in range(40):
         lo = [int(rng.integers(0, n)) for n in data.shape]
         hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, data.shape)]
@@ -134,25 +131,3 @@ def test_label_locations_survive_a_closed_reader(mixed_store):
     pool.get(cases[1])  # closes the first reader
     reopened = pool.get(cases[0])
     assert reopened._locations is first  # restored, no rescan
-
-
-@pytest.mark.parametrize("shards", [None, (4, 4, 4)])
-def test_missing_storage_objects_are_counted_once_and_named(tmp_path, shards, monkeypatch):
-    """A complete array is verified by one count (no per-chunk lookups); in a damaged one (also with
-    partial edge shards, which a plain chunk count would hide) the missing file is named."""
-    url = str(tmp_path / "a.zarr")
-    array = zarr.create_array(url, shape=(5, 5, 5), chunks=(2, 2, 2), shards=shards, dtype="int16")
-    array[...] = 1
-    lookups = []
-    real = fsspec.implementations.local.LocalFileSystem.exists
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "exists", lambda fs, path, **kw: lookups.append(path) or real(fs, path, **kw))
-    out = np.empty((5, 5, 5))
-    CachedArray(array, ChunkCache(1 << 20), check_missing=True, url=url).read((slice(0, 5),) * 3, out)
-    assert lookups == [] and np.all(out == 1)
-    (tmp_path / "a.zarr" / "c" / "1" / "1" / "1").unlink()  # the middle chunk, or the last (partial) shard
-    damaged = CachedArray(zarr.open_array(url), ChunkCache(1 << 20), check_missing=True, url=url)
-    damaged.read((slice(0, 2),) * 3, out[:2, :2, :2])  # a read that does not touch it
-    with pytest.raises(StoreError, match="chunk file c/1/1/1 is missing"):
-        damaged.read((slice(3, 5),) * 3, out[:2, :2, :2])
-    with pytest.raises(StoreError, match="chunk files of this array are missing"):
-        CachedArray(zarr.open_array(url), ChunkCache(0), check_missing=True).read((slice(0, 1),) * 3, out[:1, :1, :1])

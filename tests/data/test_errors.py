@@ -129,7 +129,7 @@ def test_a_damaged_chunk_file_raises_corrupt_file_error(one_case, damage):
     else:
         chunk.write_bytes(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes())
     stream = make_stream(one_case, patch_size=8, num_threads=2)
-    with pytest.raises(CorruptFileError, match="cannot decode chunks") as info:
+    with pytest.raises(CorruptFileError, match="cannot decode chunks|is truncated or damaged") as info:  # the store checks Blosc frames
         next(iter(stream))
     assert "c0/0" in info.value.path and "re-ingest" in str(info.value)
 
