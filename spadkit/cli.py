@@ -257,9 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["pretrain"]:
-            return pretrain(argv[1:])
-        args = build_parser().parse_args(argv)
-        code = args.func(args)
+            code = pretrain(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
         return code
     except SpadkitError as err:
