@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # napari needs a real OpenGL context (offscreen Qt fails): tests run under Xvfb with Mesa.
 APT_PACKAGES := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 \
 	libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 \
-	libxcb-cursor0 libdbus-1-3
+	libxcb-cursor0 libdbus-1-3 chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: venv sysdeps demo test bench lint clean
@@ -28,8 +28,8 @@ demo: $(STAMP)
 
 # System packages for the GUI tests (Debian/Ubuntu); skipped when Xvfb and Mesa are present.
 sysdeps:
-	@if command -v xvfb-run >/dev/null 2>&1 && ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then :; else \
-		echo "installing Xvfb and Mesa OpenGL for the napari tests (apt-get)"; \
+	@if command -v xvfb-run >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && ls /usr/lib/*/dri/swrast_dri.so >/dev/null 2>&1; then :; else \
+		echo "installing Xvfb and Mesa OpenGL (napari tests) and Chromium (notebook browser test) with apt-get"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; fi
 
