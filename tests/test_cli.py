@@ -14,7 +14,7 @@ from spadkit.cli import build_parser, main
 from spadkit.io import OMEZarrStore
 from tests.conftest import write_nifti_array
 
-SUBCOMMANDS = [[], ["catalog"], ["catalog", "list"], ["catalog", "show"], ["catalog", "validate"], ["ingest"], ["info"], ["demo"]]
+SUBCOMMANDS = [[], ["catalog"], ["catalog", "list"], ["catalog", "show"], ["catalog", "validate"], ["ingest"], ["info"], ["check"], ["demo"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w) or "spadkit")
