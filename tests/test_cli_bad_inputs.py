@@ -101,6 +101,7 @@ class Row:
     names: tuple[str, ...]
     codes: tuple[int, ...] = (2,)
     owner: str = "cli"  # the helper whose fix the row checks
+    settings: tuple[tuple[str, object], ...] = ()  # ("module.ATTRIBUTE", value) set for the row, e.g. a shorter timeout
 
 
 PRETRAIN = ("pretrain", "--config", "tokenizer_tiny", "--data.train=[{bad}/good.zarr]", "--trainer.logger=false", "--trainer.max_steps=1")
@@ -129,6 +130,13 @@ ROWS = [
     Row("ingest-out-is-a-file", ("ingest", "{bad}/ds", "--out", "{bad}/an_existing_file", "--quiet"), ("{bad}/an_existing_file",), owner="store"),
     Row("ingest-workers-negative", ("ingest", "{bad}/ds", "--out", "{bad}/o3.zarr", "--workers", "-1", "--quiet"), ("-1",), owner="store"),
     Row("ingest-workers-not-a-number", ("ingest", "{bad}/ds", "--out", "{bad}/o4.zarr", "--workers", "many"), ("--workers", "many")),
+    Row(
+        "ingest-unreachable-scheduler",
+        ("ingest", "{bad}/ds", "--out", "{bad}/o6.zarr", "--scheduler", "tcp://127.0.0.1:1", "--quiet"),
+        ("tcp://127.0.0.1:1", "scheduler"),
+        owner="store",
+        settings=(("spadkit.ingest.SCHEDULER_TIMEOUT_S", 1),),
+    ),
     Row("ingest-unknown-catalog-entry", ("ingest", "{bad}/ds", "--out", "{bad}/o5.zarr", "--catalog", "no_such_set"), ("no_such_set",)),
     # spadkit check
     Row("check-missing-store", ("check", "{bad}/nowhere.zarr"), ("{bad}/nowhere.zarr",), owner="store"),
@@ -176,6 +184,8 @@ def _run_in_process(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
 def test_bad_input_is_a_clear_error(bad, row, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # LightningCLI writes config.yaml / lightning_logs into the working folder
+    for target, value in row.settings:
+        monkeypatch.setattr(target, value)
     argv = [a.replace("{bad}", str(bad)) for a in row.argv]
     code, output = _run_in_process(argv, capsys)
     assert code in row.codes, f"exit {code}, expected {row.codes} (fix owned by {row.owner!r}):\n{output[-3000:]}"
