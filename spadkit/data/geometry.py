@@ -84,7 +84,9 @@ def resample(window: np.ndarray, shape: Sequence[int], covered: Sequence[int], *
         ``(C, *shape)`` tensor of the window's dtype (float32 for images).
     """
     out = torch.from_numpy(np.ascontiguousarray(window))
-    for axis, (n, width) in enumerate(zip(shape, covered)):
+    # the most shrinking axis first, so later passes work on less data
+    for axis in sorted(range(3), key=lambda a: shape[a] / covered[a]):
+        n, width = shape[axis], covered[axis]
         if width == n:
             continue
         size = width + 2
