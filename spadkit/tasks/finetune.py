@@ -22,6 +22,7 @@ labelled. Unannotated voxels are *unknown*: the loss ignores them (never backgro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -34,7 +35,7 @@ from monai.metrics import ConfusionMatrixMetric, DiceMetric, ROCAUCMetric
 from torch import nn
 
 from spadkit.errors import SpadkitError
-from spadkit.models import create_model, load_state_dict
+from spadkit.models import PretrainedCfg, create_model, load_state_dict, save_pretrained
 
 Freeze = Literal["head", "last", "full"]
 
@@ -139,6 +140,15 @@ class _Finetune(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[max(hp.warmup_steps, 1)])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_end(self) -> None:
+        """Export the model with the backbone's pretrained config (intensity rule, modalities) and this run's provenance."""
+        hp = self.hparams
+        if not hp.export_dir or not self.trainer.is_global_zero:
+            return
+        base = getattr(self.model.backbone, "pretrained_cfg", None) or PretrainedCfg(architecture=hp.model)
+        provenance = {"task": type(self).__name__, "num_classes": hp.num_classes, "steps": int(self.global_step), "backbone": hp.backbone, "backbone_provenance": base.provenance}
+        save_pretrained(self.model, dataclasses.replace(base, architecture=hp.model, in_chans=hp.in_chans, provenance=provenance), hp.export_dir)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The weights are in the checkpoint: rebuilding must not need the backbone or init folders."""
         hparams = dict(checkpoint.get("hyper_parameters", {}))
@@ -166,6 +176,8 @@ class SegFinetune(_Finetune):
         freeze, unfreeze_blocks: the freezing schedule.
         lr, weight_decay, layer_decay, warmup_steps: optimiser.
         lambda_dice, lambda_ce: weights of the masked Dice (MONAI) and cross-entropy terms.
+        export_dir: where ``on_train_end`` writes the fine-tuned model (``save_pretrained``), for
+            ``create_model(model, pretrained=export_dir, num_classes=...)`` and :func:`spadkit.infer.predict`.
     """
 
     def __init__(
@@ -184,6 +196,7 @@ class SegFinetune(_Finetune):
         warmup_steps: int = 10,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        export_dir: str | None = None,
     ):
         self.save_hyperparameters()
         super().__init__(model, {"num_classes": num_classes, "in_chans": in_chans, "backbone": backbone}, init_weights, load_head)
@@ -260,6 +273,7 @@ class ClsFinetune(_Finetune):
         layer_decay: float = 0.75,
         warmup_steps: int = 10,
         label_smoothing: float = 0.0,
+        export_dir: str | None = None,
     ):
         self.save_hyperparameters()
         kwargs = {"num_classes": num_classes, "in_chans": in_chans, "backbone": backbone, "pool": pool, "head": head}

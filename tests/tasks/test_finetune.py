@@ -182,3 +182,38 @@ def test_short_classification_finetune_beats_chance_on_gray_vs_white_matter():
     metrics = trainer.validate(task, torch.utils.data.DataLoader(val, batch_size=None), verbose=False)[0]
     assert metrics["val/balanced_accuracy"] > 0.6, metrics
     assert metrics["val/auroc"] > 0.65, metrics
+
+
+@pytest.mark.parametrize("config", ["finetune_tiny", "finetune_gpu", "finetune_ddp"])
+def test_bundled_finetune_configs_parse(config, capsys):
+    from spadkit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", "--config", config, "--print_config"])
+    assert info.value.code == 0
+    assert "class_path: spadkit.tasks.SegFinetune" in capsys.readouterr().out
+
+
+def test_finetune_config_trains_from_a_store_and_exports_a_predictor(tmp_path):
+    """finetune_tiny through LightningCLI on a labelled MNI152 store; the export loads and predicts."""
+    from spadkit.cli import main
+    from spadkit.ingest import intensity_stats
+    from spadkit.io import OMEZarrStore
+    from spadkit.volume import LabelVolume, Volume
+
+    image, labels = mni_crop((32, 48, 48))
+    volume, label = Volume((image * 1000).astype(np.int16), modality="MR"), LabelVolume(labels.astype(np.uint8))
+    store = OMEZarrStore(str(tmp_path / "s.zarr"), mode="a")
+    store.write_case("brain", volume, label, attrs={"intensity": intensity_stats(volume, label)})
+    torch.manual_seed(0)
+    save_pretrained(create_model("spad_vit_test"), PretrainedCfg(architecture="spad_vit_test", modalities=["MR"]), tmp_path / "vit")
+    export = tmp_path / "unetr"
+    args = [
+        "pretrain", "--config", "finetune_tiny", "--trainer.logger=false", "--trainer.max_steps=2",
+        f"--trainer.default_root_dir={tmp_path / 'run'}", f"--data.train=[{{store: {tmp_path / 's.zarr'}, label: seg}}]",
+        "--model.init_args.num_classes=2", f"--model.init_args.backbone={tmp_path / 'vit'}", f"--model.init_args.export_dir={export}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    model = create_model("spad_unetr_test", pretrained=export, num_classes=2)
+    assert model.pretrained_cfg.provenance["steps"] == 2 and model.pretrained_cfg.modalities == ["MR"]
+    assert predict(model, image, ISO).labels.shape == labels.shape
