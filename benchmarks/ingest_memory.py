@@ -86,7 +86,8 @@ def measure(shape: tuple[int, int, int], cases: int, workers: int) -> dict:
         "workers": workers,
         "voxel_mib_per_case": voxel_bytes / 2**20,
         "added_peak_mib": added / 2**20,
-        "added_peak_over_voxel_bytes_per_case": added / voxel_bytes,
+        "added_peak_over_one_case_voxel_bytes": added / voxel_bytes,
+        "added_peak_over_voxel_bytes_per_worker": added / voxel_bytes / min(cases, workers),
     }
 
 
