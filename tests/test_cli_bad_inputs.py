@@ -56,8 +56,10 @@ def bad(tmp_path_factory) -> Path:
     (root / "ds_bad").mkdir()
     shutil.copy(root / "truncated.nii.gz", root / "ds_bad" / "case_t.nii.gz")
     assert main(["ingest", str(root / "ds"), "--out", str(root / "good.zarr"), "--quiet", "--workers", "1"]) == 0
-    for name in ("corrupt_case.zarr", "corrupt_root.zarr"):
+    for name in ("corrupt_case.zarr", "corrupt_root.zarr", "deleted_chunk.zarr", "garbled_chunk.zarr"):
         shutil.copytree(root / "good.zarr", root / name)
+    (root / "deleted_chunk.zarr" / "case_a" / "0" / "c" / "0" / "0" / "0" / "0").unlink()
+    (root / "garbled_chunk.zarr" / "case_a" / "0" / "c" / "0" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 10)
     (root / "corrupt_case.zarr" / "case_a" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
     (root / "corrupt_root.zarr" / "zarr.json").write_text("{not json")
     # catalogs
@@ -115,6 +117,9 @@ ROWS = [
     Row("info-empty-folder", ("info", "{bad}/empty_dir"), ("{bad}/empty_dir",), owner="io"),
     Row("info-nhdr-outside-data-file", ("info", "{bad}/nrrd/steal.nhdr"), ("secret.txt",), owner="io"),
     Row("info-corrupt-case-zarr-json", ("info", "{bad}/corrupt_case.zarr/case_a"), ("case_a",), owner="store"),
+    Row("info-deleted-chunk", ("info", "{bad}/deleted_chunk.zarr/case_a"), ("{bad}/deleted_chunk.zarr/case_a",), owner="store"),
+    Row("info-garbled-chunk", ("info", "{bad}/garbled_chunk.zarr/case_a"), ("{bad}/garbled_chunk.zarr/case_a",), owner="store"),
+    Row("check-deleted-chunk", ("check", "{bad}/deleted_chunk.zarr"), ("case_a",), codes=(1,), owner="store"),
     Row("info-corrupt-root-zarr-json", ("info", "{bad}/corrupt_root.zarr"), ("{bad}/corrupt_root.zarr",), owner="store"),
     # spadkit catalog
     Row("catalog-missing-folder", ("catalog", "--folder", "{bad}/nowhere", "list"), ("{bad}/nowhere",)),
