@@ -2,6 +2,7 @@
 the SPAD-UNETR segmenter and the classifier."""
 
 from spadkit.models.classifier import SpadClassifier
+from spadkit.models.eva import SpadEva
 from spadkit.models.heads import (
     CodeHead,
     ModalityDiscriminator,
@@ -10,6 +11,7 @@ from spadkit.models.heads import (
     reverse_gradient,
     scale_bin,
 )
+from spadkit.models.pumit_weights import LoadReport, load_pumit_weights
 from spadkit.models.registry import (
     PretrainedCfg,
     create_model,
@@ -33,6 +35,7 @@ from spadkit.models.vit import SpadViT, patch_shape, token_grid
 
 __all__ = [
     "CodeHead",
+    "LoadReport",
     "ModalityDiscriminator",
     "PatchDiscriminator",
     "PixelHead",
@@ -41,6 +44,7 @@ __all__ = [
     "SpadClassifier",
     "SpadConv3d",
     "SpadConvTranspose3d",
+    "SpadEva",
     "SpadUNETR",
     "SpadVT",
     "SpadViT",
@@ -49,6 +53,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_pretrained",
+    "load_pumit_weights",
     "load_state_dict",
     "patch_shape",
     "plan_downsampling",

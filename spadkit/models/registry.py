@@ -24,6 +24,7 @@ from torch import nn
 
 from spadkit.atomic import atomic_path
 from spadkit.errors import CorruptFileError, SpadkitError
+from spadkit.models.eva import SpadEva
 from spadkit.models.tokenizer import SpadVT
 from spadkit.models.vit import SpadViT
 
@@ -267,6 +268,18 @@ def spad_vit_small(**kwargs: Any) -> SpadViT:
 def spad_vit_base(**kwargs: Any) -> SpadViT:
     """ViT-B/16: 768 dims, 12 blocks, 12 heads."""
     return SpadViT(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs})
+
+
+@register_model
+def spad_eva_test(**kwargs: Any) -> SpadEva:
+    """Tiny EVA-02-style SPAD-ViT for tests: 64 dims, 2 blocks, 2 heads."""
+    return SpadEva(**{"embed_dim": 64, "depth": 2, "num_heads": 2, "pos_grid": (4, 4, 4), **kwargs})
+
+
+@register_model
+def spad_eva_base(**kwargs: Any) -> SpadEva:
+    """PUMIT-B: EVA-02-style ViT-B/16 (SwiGLU 2048, sub-LN, q/v bias), position grid (5, 10, 10) as PUMIT's MIM."""
+    return SpadEva(**{"embed_dim": 768, "depth": 12, "num_heads": 12, "pos_grid": (5, 10, 10), **kwargs})
 
 
 @register_model
