@@ -1,0 +1,71 @@
+"""The spadkit reader: which paths it claims, and the layers a store case becomes in a real viewer."""
+
+from __future__ import annotations
+
+import shutil
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from spadkit_napari._geometry import affine_of_layer
+from spadkit_napari._reader import napari_get_reader
+
+from spadkit.errors import StoreError
+from spadkit.io import OMEZarrStore, write_nifti
+from tests.napari.conftest import MARKER, ORIGIN_XYZ, VIEWS, marker_offset
+
+
+def test_claims_spadkit_stores_and_medical_files_and_leaves_the_rest(tmp_path, store_path, pydicom_data, marked_case):
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w", zarr_format=3).attrs["multiscales"] = []
+    series = tmp_path / "series"
+    series.mkdir()
+    shutil.copy(pydicom_data / "CT_small.dcm", series / "slice001")  # DICOM files often have no suffix
+    (tmp_path / "notes").mkdir()
+    nifti = write_nifti(marked_case[0], tmp_path / "t1.nii.gz")
+
+    for claimed in (store_path / "brain", store_path, series, nifti, str(store_path / "brain") + "/"):
+        assert callable(napari_get_reader(str(claimed))), claimed
+    for left in (other, tmp_path / "notes", tmp_path / "picture.png", store_path / "brain" / "labels"):
+        assert napari_get_reader(str(left)) is None, left
+    assert napari_get_reader([str(nifti), str(nifti)]) is None  # stacks are not spadkit's
+
+
+def test_a_case_becomes_a_lazy_multiscale_image_and_visible_labels_placed_in_mm(store_path):
+    store = OMEZarrStore(str(store_path))
+    image, seg = napari_get_reader(str(store_path / "brain"))(str(store_path / "brain"))
+    data, kwargs, kind = image
+    assert kind == "image" and kwargs["name"] == "brain" and kwargs["multiscale"]
+    assert [level.shape for level in data] == [(20, 96, 80), (20, 48, 40)]
+    assert all(isinstance(level, da.Array) for level in data)  # drawn chunk by chunk, nothing read yet
+    np.testing.assert_allclose(kwargs["scale"], (-3.0, -1.0, -1.0))  # mm, axes reversed: radiological
+    np.testing.assert_allclose(kwargs["translate"], (-ORIGIN_XYZ[2], -ORIGIN_XYZ[1], -ORIGIN_XYZ[0]))
+    np.testing.assert_allclose(affine_of_layer({**kwargs, "shear": None, "affine": None}), store.read_image("brain").affine)
+    low, high = kwargs["contrast_limits"]
+    assert 150 <= low < high <= 1000  # from the store's intensity statistics, no voxel read
+
+    labels, label_kwargs, kind = seg
+    assert kind == "labels" and label_kwargs["name"] == "seg v1"
+    assert label_kwargs["metadata"]["spadkit"] == {"store": str(store_path), "case": "brain", "label": "seg", "version": 1}
+    assert label_kwargs["features"]["class"] == ["background", "marker", "block"]
+    assert isinstance(labels, np.ndarray) and (labels[MARKER] == 1).all()  # in memory: editable, not the stored version
+
+
+def test_a_store_with_several_cases_names_them(store_path, marked_case):
+    OMEZarrStore(str(store_path), mode="a").write_case("knee", *marked_case)
+    with pytest.raises(StoreError, match=r"2 cases.*\n.*marked.zarr/brain.*brain, knee"):
+        napari_get_reader(str(store_path))(str(store_path))
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize("view", VIEWS)
+def test_views_are_radiological(make_napari_viewer, store_path, artifacts, view):
+    viewer = make_napari_viewer(show=True)
+    image, seg = viewer.open(str(store_path / "brain"), plugin="spadkit")
+    assert (image.name, seg.name, seg.visible) == ("brain", "seg v1", True)
+    seg.visible = False
+    rows, cols = marker_offset(viewer, image, view, artifacts, "spadkit")
+    # the marker is superior, anterior and on the patient's right. Axial: anterior up, right on the
+    # screen's left; coronal: superior up, right on the left; sagittal: superior up, anterior on the left.
+    assert rows < -10 and cols < -10, (rows, cols)
