@@ -56,9 +56,13 @@ def bad(tmp_path_factory) -> Path:
     (root / "ds_bad").mkdir()
     shutil.copy(root / "truncated.nii.gz", root / "ds_bad" / "case_t.nii.gz")
     assert main(["ingest", str(root / "ds"), "--out", str(root / "good.zarr"), "--quiet", "--workers", "1"]) == 0
-    for name in ("corrupt_case.zarr", "corrupt_root.zarr", "deleted_chunk.zarr", "garbled_chunk.zarr"):
+    for name in ("corrupt_case.zarr", "corrupt_root.zarr", "deleted_chunk.zarr"):
         shutil.copytree(root / "good.zarr", root / name)
     (root / "deleted_chunk.zarr" / "case_a" / "0" / "c" / "0" / "0" / "0" / "0").unlink()
+    # a store of 27 chunks of noise: reading it keeps zarr's async tasks in flight when one chunk fails
+    (root / "ds_noise").mkdir()
+    write_nifti_array(root / "ds_noise" / "case_a.nii.gz", np.random.default_rng(0).random((130, 130, 130), np.float32))
+    assert main(["ingest", str(root / "ds_noise"), "--out", str(root / "garbled_chunk.zarr"), "--quiet", "--workers", "1"]) == 0
     (root / "garbled_chunk.zarr" / "case_a" / "0" / "c" / "0" / "0" / "0" / "0").write_bytes(b"\x00garbage" * 10)
     (root / "corrupt_case.zarr" / "case_a" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
     (root / "corrupt_root.zarr" / "zarr.json").write_text("{not json")
@@ -209,14 +213,16 @@ def _spadkit(*argv: str, **kwargs) -> subprocess.CompletedProcess:
     "argv, names",
     [
         (("info", "{bad}/truncated.nii.gz"), ("{bad}/truncated.nii.gz",)),
+        (("info", "{bad}/garbled_chunk.zarr/case_a"), ("{bad}/garbled_chunk.zarr/case_a",)),  # shutdown noise shows only here
         pytest.param((*PRETRAIN, "--ckpt_path", "{bad}/hostile.ckpt"), ("{bad}/hostile.ckpt",), marks=pytest.mark.slow),  # imports Lightning: ~10 s
     ],
-    ids=["info-truncated", "pretrain-hostile-checkpoint"],
+    ids=["info-truncated", "info-garbled-chunk", "pretrain-hostile-checkpoint"],
 )
 def test_real_command_exits_cleanly(bad, argv, names, tmp_path):
     out = _spadkit(*(a.replace("{bad}", str(bad)) for a in argv), cwd=tmp_path)
     assert out.returncode in (1, 2), out.stderr[-3000:]
     assert "Traceback" not in out.stderr
+    assert "Task was destroyed" not in out.stderr and "Event loop is closed" not in out.stderr  # asyncio noise after the error
     for name in names:
         assert name.replace("{bad}", str(bad)) in out.stderr
     assert not (bad / "PWNED").exists()
