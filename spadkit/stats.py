@@ -53,20 +53,30 @@ def channels(array: Any) -> list[ChannelView]:
     return [ChannelView(array, c) for c in range(int(array.shape[0]))]
 
 
+def _slab_slices(array: Any) -> Iterator[slice]:
+    """Z ranges of about :data:`SLAB_VOXELS` voxels that never split a chunk (a Zarr chunk row, a Dask block)."""
+    depth, plane = int(array.shape[0]), int(np.prod(array.shape[1:], dtype=np.int64))
+    planes = max(1, SLAB_VOXELS // max(1, plane))
+    chunks = getattr(array, "chunks", None)
+    if chunks and isinstance(chunks[0], tuple):  # Dask: block boundaries (a .nii.gz is one block: read it once)
+        edges = np.cumsum((0, *chunks[0]))
+    else:
+        row = int(chunks[0]) if chunks else 1  # Zarr / ChannelView: a row of chunks
+        edges = np.arange(0, depth + row, row).clip(max=depth)
+    start = 0
+    for stop in edges[1:]:
+        if stop - start >= planes or stop == depth:
+            yield slice(start, int(stop))
+            start = int(stop)
+
+
 def slabs(array: Any, source: str | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """``(z_slice, voxels)`` of a ``(Z, Y, X)`` array in slabs of whole chunk rows where it is chunked.
 
     Raises:
         CorruptFileError: a slab could not be read or decoded (names ``source`` and the slab).
     """
-    depth, plane = int(array.shape[0]), int(np.prod(array.shape[1:], dtype=np.int64))
-    planes = max(1, SLAB_VOXELS // max(1, plane))
-    chunks = getattr(array, "chunks", None)
-    row = chunks[0] if chunks and isinstance(chunks[0], int) else None  # Zarr/NumPy-style chunk shape
-    if row:
-        planes = max(row, planes // row * row)
-    for z0 in range(0, depth, planes):
-        zs = slice(z0, min(depth, z0 + planes))
+    for zs in _slab_slices(array):
         try:
             yield zs, np.asarray(array[zs])
         except SpadkitError:
