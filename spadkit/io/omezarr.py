@@ -159,11 +159,6 @@ class OMEZarrStore:
     def sharded(self) -> bool:
         return bool(self.root.attrs["spadkit"].get("sharded", False))
 
-    @property
-    def is_local(self) -> bool:
-        """True for a store on a local (or network-mounted) file system: writers are locked."""
-        return self._store.local
-
     def update_info(self, **values: Any) -> None:
         self.root.attrs["spadkit"] = {**self.info, **values}
 

@@ -7,10 +7,16 @@ spadkit writes every chunk of its arrays (``write_empty_chunks``) and records
 :class:`CheckedStore` raises :class:`~spadkit.errors.StoreError` naming the
 chunk instead. The check costs nothing extra: Zarr already asked the store
 for the chunk and got "absent" back. Every read path (``read_image``,
-``read_label``, ``spadkit info``, the patch stream) goes through it.
+``read_label``, ``spadkit info``, the patch stream) goes through it. In
+unsharded stores the Blosc header of such a chunk is checked against its size
+before decoding, so a truncated or garbled chunk is a
+:class:`~spadkit.errors.CorruptFileError` naming it, not a decoder crash.
+On a local disk every ``zarr.json`` is replaced atomically (temporary file,
+fsync, rename): readers never see half a metadata document.
 
 This is also the one place where spadkit runs a store coroutine synchronously
-(:func:`run_sync`, for listing a store's children and checking keys).
+(:func:`run_sync`: listing a store's children, reading metadata of many cases
+at once, deleting a case folder whatever its state).
 """
 
 from __future__ import annotations
@@ -109,10 +115,6 @@ class CheckedStore(WrapperStore):
             return [name async for name in self._store.list_dir(prefix)]
 
         return sorted(run_sync(collect()))
-
-    def exists_key(self, key: str) -> bool:
-        """True if the store holds ``key`` (a chunk or metadata document)."""
-        return bool(run_sync(self._store.exists(key)))
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The bytes stored at ``keys`` (None where absent), fetched concurrently."""
