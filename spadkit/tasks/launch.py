@@ -88,12 +88,12 @@ def allowed_imports() -> list[str]:
 def restrict_config_imports(allowed: Sequence[str] | None = None) -> None:
     """Make jsonargparse refuse every import path in parsed values except those under ``allowed``.
 
-    Args:
-        allowed: module prefixes; default :func:`allowed_imports`.
-
     The setting is process-wide (jsonargparse keeps one policy, and allowed
     prefixes accumulate over calls); paths that come from code (type hints,
     defaults) are not affected.
+
+    Args:
+        allowed: module prefixes; default :func:`allowed_imports`.
     """
     from jsonargparse import set_parsing_settings
 
