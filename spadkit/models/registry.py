@@ -166,12 +166,12 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **kwarg
     """Build a registered model, optionally loading weights saved by :func:`save_pretrained`.
 
     The arguments are checked first (:func:`check_model_args`), then the model is
-    built on the ``meta`` device to count its parameters, so a config asking for
+    built on the ``meta`` device to count its parameters and buffers, so a config asking for
     an absurd size fails before any memory is allocated.
 
     Raises:
-        SpadkitError: unknown name, arguments out of range or unknown, more parameters
-            than :func:`max_model_params`, or weights for another architecture.
+        SpadkitError: unknown name, arguments out of range, unknown or not fitting together,
+            more parameters than :func:`max_model_params`, or weights for another architecture.
         CorruptFileError: the saved weights do not fit the model.
     """
     if name not in _REGISTRY:
@@ -179,12 +179,15 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **kwarg
     check_model_args(name, kwargs)
     try:
         with torch.device("meta"):
-            count = sum(p.numel() for p in _REGISTRY[name](**kwargs).parameters())
-    except TypeError as error:  # an unknown keyword argument
+            skeleton = _REGISTRY[name](**kwargs)
+        count = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+    except SpadkitError:
+        raise
+    except (TypeError, ValueError) as error:  # an unknown keyword, or sizes that do not fit together
         raise SpadkitError(f"{name}: {error}", fix=f"see help(spadkit.models.registry.{name}) for the arguments.") from None
     if count > max_model_params():
         raise SpadkitError(
-            f"{name} with {kwargs} would have {count:.3g} parameters, more than the limit {max_model_params():.3g}",
+            f"{name} with {kwargs} would have {count:.3g} parameters and buffer values, more than the limit {max_model_params():.3g}",
             fix=f"use smaller size arguments, or raise the limit with {MAX_PARAMS_ENV}=N.",
         )
     model = _REGISTRY[name](**kwargs)

@@ -265,8 +265,9 @@ def test_pretrained_cfg_with_huge_integer_or_deep_nesting_is_refused(tmp_path):
         ({"in_chans": 3000000}, r"in_chans=3000000 is not an integer in 1\.\.64"),
         ({"in_chans": "1"}, "in_chans='1' is not an integer"),
         ({"embed_dim": 2.5}, "embed_dim=2.5"),
-        ({"embed_dim": 8192, "depth": 128, "num_heads": 128}, "parameters, more than the limit"),
+        ({"embed_dim": 8192, "depth": 128, "num_heads": 128}, "parameters and buffer values, more than the limit"),
         ({"no_such_arg": 1}, "unexpected keyword argument 'no_such_arg'"),
+        ({"embed_dim": 63}, "spad_vit_test: dim 63 must split into 2 heads"),
     ],
 )
 def test_create_model_checks_sizes_before_allocating(kwargs, message):
