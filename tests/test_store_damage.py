@@ -170,3 +170,25 @@ def test_damage_without_a_source_is_reported_not_deleted(store_url, tmp_path, rn
     report = ingest(other, store_url, progress=False)
     assert not report.ok and "image level 0 is missing" in report.unrepairable["a"]
     assert (Path(store_url) / "a").is_dir() and "DAMAGED a" in report.summary()
+
+
+def test_an_fsspec_store_reports_lost_chunks_and_damage_too():
+    """Remote stores go through the same checked store (here fsspec's in-memory file system); they take no locks."""
+    import fsspec
+
+    from spadkit.volume import LabelVolume, Volume
+
+    url = "memory://spadkit-damage-test.zarr"
+    store = OMEZarrStore(url, mode="a")
+    image = Volume.from_spacing(np.arange(20 * 70 * 70, dtype=np.int16).reshape(20, 70, 70))
+    store.write_case("a", image, LabelVolume((image.numpy() > 5000).astype(np.uint8), image.affine))
+    assert store.save_label("a", LabelVolume(np.zeros(image.shape, np.uint8), image.affine)) == 2
+    fs = fsspec.filesystem("memory")
+    try:
+        fs.rm("/spadkit-damage-test.zarr/a/0/c/0/0/0/0")
+        with pytest.raises(StoreError, match="chunk file c/0/0/0/0 is missing") as info:
+            OMEZarrStore(url).read_image("a").numpy()
+        assert info.value.path == f"{url}/a/0"
+        assert "chunk file c/0/0/0/0 is missing" in check_store(url).problems["a"]
+    finally:
+        fs.rm("/spadkit-damage-test.zarr", recursive=True)
