@@ -12,6 +12,7 @@ Usage::
 
     python benchmarks/ingest_memory.py --cases 1 --workers 1
     python benchmarks/ingest_memory.py --cases 2 --workers 2 --json out.json
+    python benchmarks/ingest_memory.py --label      # also a uint8 label map per case (body > soft tissue)
 """
 
 from __future__ import annotations
@@ -62,16 +63,20 @@ def _child(dataset: str, store: str, workers: int, queue: mp.Queue) -> None:
     queue.put({"ok": report.ok, "summary": report.summary(), "baseline_kib": base, "peak_kib": peak, "seconds": seconds})
 
 
-def measure(shape: tuple[int, int, int], cases: int, workers: int) -> dict:
-    """Ingest ``cases`` synthetic volumes with ``workers`` threads; return peak memory numbers."""
+def measure(shape: tuple[int, int, int], cases: int, workers: int, label: bool = False) -> dict:
+    """Ingest ``cases`` synthetic volumes (with label maps if ``label``) with ``workers`` threads; return peak memory numbers."""
     import nibabel as nib
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ds"
-        folder.mkdir()
+        (folder / "images").mkdir(parents=True)
+        (folder / "labels").mkdir()
+        affine = np.diag([0.7, 0.7, 1.5, 1.0])
         for i in range(cases):
             data = ct_like(shape, seed=i).transpose(2, 1, 0)  # nibabel order (x, y, z)
-            nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 1.5, 1.0])), folder / f"ct{i}.nii")
+            nib.save(nib.Nifti1Image(data, affine), folder / "images" / f"ct{i}.nii")
+            if label:
+                nib.save(nib.Nifti1Image((data > 0).astype(np.uint8), affine), folder / "labels" / f"ct{i}.nii")
         queue: mp.Queue = mp.get_context("spawn").Queue()
         process = mp.get_context("spawn").Process(target=_child, args=(str(folder), str(Path(tmp) / "s.zarr"), workers, queue))
         process.start()
@@ -84,6 +89,7 @@ def measure(shape: tuple[int, int, int], cases: int, workers: int) -> dict:
         "shape_zyx": list(shape),
         "cases": cases,
         "workers": workers,
+        "label": label,
         "voxel_mib_per_case": voxel_bytes / 2**20,
         "added_peak_mib": added / 2**20,
         "added_peak_over_one_case_voxel_bytes": added / voxel_bytes,
@@ -96,9 +102,10 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512), metavar=("Z", "Y", "X"))
     parser.add_argument("--cases", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--label", action="store_true", help="add a uint8 label map to every case")
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
-    result = measure(tuple(args.shape), args.cases, args.workers)
+    result = measure(tuple(args.shape), args.cases, args.workers, args.label)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
