@@ -254,10 +254,8 @@ class _Writer:
         count = min(max(until, self.lo), self.lo + self.acc.shape[1]) - self.lo
         if count <= 0:
             return
-        probs = self.acc[:, :count] / self.weight[:count]
-        labels = probs.argmax(0)
-        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(0)
-        self._write(probs.numpy(), labels.numpy(), entropy.numpy(), self.lo)
+        probs = (self.acc[:, :count] / self.weight[:count]).numpy()
+        self._write(probs, _argmax_classes(probs), -(probs * np.log(np.maximum(probs, 1e-12))).sum(0), self.lo)
         self.acc, self.weight = self.acc[:, count:], self.weight[count:]
         self.lo += count
 
@@ -278,6 +276,18 @@ class _Writer:
 
     def outputs(self) -> tuple[Any, Any, Any]:
         return self.out["probs"], self.out["labels"], self.out["uncertainty"]
+
+
+def _argmax_classes(probs: np.ndarray) -> np.ndarray:
+    """``probs.argmax(0)`` (first maximum wins) by one pass per class: for a handful of classes
+    this is several times faster than a reduction over the leading axis (torch's or numpy's)."""
+    labels = np.zeros(probs.shape[1:], np.uint8 if len(probs) <= 256 else np.int32)
+    best = probs[0].copy()
+    for k in range(1, len(probs)):
+        better = probs[k] > best
+        labels[better] = k
+        np.maximum(best, probs[k], out=best)
+    return labels
 
 
 # ---------------------------------------------------------------------- the store
