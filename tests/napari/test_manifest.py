@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from npe2 import PluginManager
 
 
+@pytest.mark.slow  # ~10 s: a fresh interpreter imports napari and every command
 def test_npe2_validate_passes_with_imports():
     npe2 = Path(sys.executable).with_name("npe2")
     result = subprocess.run([str(npe2), "validate", "spadkit", "--imports"], capture_output=True, text=True, timeout=120)

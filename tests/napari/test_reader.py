@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import dask.array as da
+import nrrd
 import numpy as np
 import pytest
 import zarr
@@ -69,3 +70,19 @@ def test_views_are_radiological(make_napari_viewer, store_path, artifacts, view)
     # the marker is superior, anterior and on the patient's right. Axial: anterior up, right on the
     # screen's left; coronal: superior up, right on the left; sagittal: superior up, anterior on the left.
     assert rows < -10 and cols < -10, (rows, cols)
+
+
+def test_nrrd_and_dicom_files_open_in_ras_at_their_spacing(tmp_path, pydicom_data, marked_case):
+    data = np.asarray(marked_case[0].numpy()[0].transpose(2, 1, 0))  # (x, y, z) for NRRD
+    header = {"space": "left-posterior-superior", "space directions": np.diag([1.0, 1.0, 3.0]), "space origin": np.array([10.0, 20.0, -5.0])}
+    nrrd.write(str(tmp_path / "t1.nrrd"), data, header)
+    [(array, kwargs, kind)] = napari_get_reader(str(tmp_path / "t1.nrrd"))(str(tmp_path / "t1.nrrd"))
+    assert kind == "image" and kwargs["metadata"]["spadkit"]["orientation"] == "LPS"
+    np.testing.assert_allclose(kwargs["scale"], (-3.0, -1.0, -1.0))
+    # x and y flipped to RAS: the LPS file's first voxel is the RAS array's last in x and y
+    assert array[0, -1, -1] == data[0, 0, 0] and array.shape == marked_case[0].spatial_shape
+    np.testing.assert_allclose(kwargs["translate"][0], 5.0)  # world axis 0 is inferior: -(z of slice 0)
+
+    [(ct, kwargs, _)] = napari_get_reader(str(pydicom_data / "CT_small.dcm"))(str(pydicom_data / "CT_small.dcm"))
+    assert ct.shape == (1, 128, 128)
+    np.testing.assert_allclose(kwargs["scale"][1:], (-0.661468, -0.661468), rtol=1e-5)  # PixelSpacing, mm
