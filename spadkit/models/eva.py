@@ -17,13 +17,13 @@ model key for key (see :mod:`spadkit.models.pumit_weights`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spadkit.models.vit import PATCH, SpadViT, apply_rope
+from spadkit.models.vit import PATCH, Attention, SpadViT, apply_rope
 
 #: PUMIT's LayerNorm epsilon (``nn.LayerNorm`` default).
 EVA_EPS = 1e-5
@@ -31,20 +31,17 @@ EVA_EPS = 1e-5
 EVA_MLP_RATIO = 8 / 3
 
 
-class EvaAttention(nn.Module):
+class EvaAttention(Attention):
     """Multi-head attention with q/v biases only; ``forward(x, rope, prefix)`` as SpadViT's."""
 
     def __init__(self, dim: int, num_heads: int, qv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads or (dim // num_heads) % 4:
-            raise ValueError(f"dim {dim} must split into {num_heads} heads of a size divisible by 4 (3D rotary embedding)")
-        self.num_heads = num_heads
+        super().__init__(dim, num_heads)  # head-size check, num_heads, proj
+        del self.qkv  # separate projections, as PUMIT's checkpoints store them
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
-        self.proj = nn.Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -94,26 +91,24 @@ class SpadEva(SpadViT):
     """SPAD-ViT with PUMIT's EVA-02 blocks (see the module docstring).
 
     Args:
-        in_chans, embed_dim, depth, num_heads, pos_grid, rope, num_classes: as :class:`SpadViT`.
+        embed_dim, depth, num_heads: transformer size.
         mlp_ratio: SwiGLU hidden width over ``embed_dim`` (PUMIT: 8/3).
         qv_bias: learnable query and value biases.
         sub_ln: LayerNorm inside the SwiGLU.
+        **kwargs: :class:`SpadViT`'s ``in_chans``, ``pos_grid``, ``rope``, ``num_classes``.
     """
 
     def __init__(
         self,
-        in_chans: int = 1,
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
         mlp_ratio: float = EVA_MLP_RATIO,
         qv_bias: bool = True,
         sub_ln: bool = True,
-        pos_grid: Sequence[int] = (8, 8, 8),
-        rope: bool = True,
-        num_classes: int = 0,
+        **kwargs: Any,
     ):
-        super().__init__(in_chans, embed_dim, 0, num_heads, pos_grid=pos_grid, rope=rope, num_classes=num_classes)
+        super().__init__(embed_dim=embed_dim, depth=0, num_heads=num_heads, **kwargs)
         self.blocks = nn.ModuleList(EvaBlock(embed_dim, num_heads, mlp_ratio, qv_bias, sub_ln) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=EVA_EPS)
         self.feature_info = [{"num_chs": embed_dim, "reduction": PATCH, "module": f"blocks.{i}"} for i in range(depth)]
