@@ -248,7 +248,9 @@ class SliceViewer:
         self.figure.set_size_inches(self.width_in, height + 0.5)
         buffer = io.BytesIO()
         self.figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight", pad_inches=0.05)
-        self.image_widget.value = buffer.getvalue()
+        png = buffer.getvalue()
+        self.image_widget.value = png
+        self.image_widget.width = str(int.from_bytes(png[16:20], "big"))  # PNG header: show at 1:1, never stretched
 
     def _legend(self) -> None:
         """Legend of the classes named in the label map's ``classes`` (background left out)."""
