@@ -348,10 +348,11 @@ def fit_light_head(
     head.std.copy_(x.std(0).clamp(min=1e-6) if len(x) > 1 else torch.ones(x.shape[1]))
     counts = torch.bincount(target, minlength=head.num_classes).float()
     weight = torch.where(counts > 0, counts.sum() / (counts * (counts > 0).sum()).clamp(min=1), torch.zeros_like(counts))
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    standardised = (x - head.mean) / head.std  # once, not per step
+    optimizer = torch.optim.Adam(head.net.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         optimizer.zero_grad()
-        F.cross_entropy(head(x), target, weight=weight).backward()
+        F.cross_entropy(head.net(standardised), target, weight=weight).backward()
         optimizer.step()
     return head.eval()
 
