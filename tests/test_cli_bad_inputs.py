@@ -21,6 +21,7 @@ import lightning  # noqa: F401  (imported at collection: its log handler must no
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from spadkit.cli import main
 from spadkit.models import PretrainedCfg, create_model, save_pretrained
@@ -50,6 +51,7 @@ def bad(tmp_path_factory) -> Path:
     (root / "nrrd").mkdir()
     (root / "nrrd" / "steal.nhdr").write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 10 10 7\nencoding: raw\ndata file: ../secret.txt\n\n")
     (root / "an_existing_file").write_text("not a folder")
+    Image.new("1", (14000, 14000)).save(root / "bomb.png")  # 24 KB on disk, 196 Mpx: Pillow's decompression-bomb limit
     # a dataset (one good, one truncated case) and a store made from its good case
     (root / "ds").mkdir()
     shutil.copy(good, root / "ds" / "case_a.nii.gz")
@@ -119,6 +121,7 @@ ROWS = [
     Row("info-empty-nifti", ("info", "{bad}/empty.nii"), ("{bad}/empty.nii",), owner="io"),
     Row("info-unknown-type", ("info", "{bad}/notes.xyz"), ("{bad}/notes.xyz",)),
     Row("info-empty-folder", ("info", "{bad}/empty_dir"), ("{bad}/empty_dir",), owner="io"),
+    Row("info-png-decompression-bomb", ("info", "{bad}/bomb.png"), ("{bad}/bomb.png",), owner="io"),
     Row("info-nhdr-outside-data-file", ("info", "{bad}/nrrd/steal.nhdr"), ("secret.txt",), owner="io"),
     Row("info-corrupt-case-zarr-json", ("info", "{bad}/corrupt_case.zarr/case_a"), ("case_a",), owner="store"),
     Row("info-deleted-chunk", ("info", "{bad}/deleted_chunk.zarr/case_a"), ("{bad}/deleted_chunk.zarr/case_a",), owner="store"),
