@@ -29,6 +29,7 @@ and per-modality intensity statistics, as nnU-Net's dataset fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -254,8 +255,12 @@ def ingest(
     segmentation = entry is not None and entry.label_classes and any(t.value == "segmentation" for t in entry.task)
     if classes is None and segmentation:
         classes = dict(entry.label_classes)
-    _prepare_out(store_url)
-    with store_lock(store_url, INGEST_LOCK, f"spadkit ingest of {dataset_dir}"):
+    client = _connect(scheduler_address) if scheduler_address else None
+    with contextlib.ExitStack() as stack:
+        if client is not None:
+            stack.enter_context(client)
+        _prepare_out(store_url)
+        stack.enter_context(store_lock(store_url, INGEST_LOCK, f"spadkit ingest of {dataset_dir}"))
         store = OMEZarrStore(store_url, mode="a")
         store.update_info(dataset=entry.name if entry else Path(dataset_dir).name, catalog_entry=entry.model_dump(mode="json") if entry else None, source=str(dataset_dir))
         report = IngestReport(store=store_url)
@@ -270,7 +275,7 @@ def ingest(
         tasks = [dask.delayed(ingest_case, pure=False)(case, store_url, modality, classes) for case in todo]
         workers = num_workers or (default_workers(todo) if tasks and not scheduler_address else 1)
         with tqdm(total=len(tasks), desc="ingest", unit="case", disable=not progress or not tasks) as bar:
-            results = _run(tasks, bar, workers, scheduler_address)
+            results = _run(tasks, bar, workers, client)
         for result in results:
             if result["error"] is None:
                 report.written.append(result["case_id"])
@@ -361,27 +366,31 @@ def default_workers(cases: Sequence[CaseSource]) -> int:
 SCHEDULER_TIMEOUT_S = 10.0
 
 
-def _run(tasks: list, bar: tqdm, num_workers: int, scheduler_address: str | None) -> list[dict[str, Any]]:
+def _connect(scheduler_address: str) -> Any:
+    """A ``dask.distributed`` client for ``scheduler_address``, connected before anything is written."""
+    from distributed import Client
+
+    try:
+        return Client(scheduler_address, timeout=SCHEDULER_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError, TypeError) as err:
+        raise SpadkitError(
+            f"cannot reach the Dask scheduler ({type(err).__name__}: {err})",
+            path=scheduler_address,
+            fix="check the address (tcp://HOST:PORT) and that the scheduler runs, or omit --scheduler to use local threads.",
+        ) from None
+
+
+def _run(tasks: list, bar: tqdm, num_workers: int, client: Any) -> list[dict[str, Any]]:
     if not tasks:
         return []
-    if scheduler_address:
-        from distributed import Client, as_completed
+    if client is not None:
+        from distributed import as_completed
 
-        try:
-            client = Client(scheduler_address, timeout=SCHEDULER_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError, TypeError) as err:
-            raise SpadkitError(
-                f"cannot reach the Dask scheduler ({type(err).__name__}: {err})",
-                path=scheduler_address,
-                fix="check the address (tcp://HOST:PORT) and that the scheduler runs, or omit --scheduler to use local threads.",
-            ) from None
-        with client:
-            futures = client.compute(tasks)
-            results = []
-            for future in as_completed(futures):
-                results.append(future.result())
-                bar.update(1)
-            return results
+        results = []
+        for future in as_completed(client.compute(tasks)):
+            results.append(future.result())
+            bar.update(1)
+        return results
     with _TqdmCallback(bar):
         return list(dask.compute(*tasks, scheduler="threads", num_workers=num_workers))
 

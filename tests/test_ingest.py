@@ -306,7 +306,7 @@ def test_an_unreachable_scheduler_is_a_clear_error(msd_folder, tmp_path, monkeyp
     monkeypatch.setattr(ingest_module, "SCHEDULER_TIMEOUT_S", 1.0)
     with pytest.raises(SpadkitError, match="cannot reach the Dask scheduler") as info:
         ingest(msd_folder, str(tmp_path / "x.zarr"), scheduler_address="tcp://127.0.0.1:9", progress=False)
-    assert info.value.path == "tcp://127.0.0.1:9"
+    assert info.value.path == "tcp://127.0.0.1:9" and not (tmp_path / "x.zarr").exists()
 
 
 def test_ingest_cli_errors_exit_2_without_traceback(msd_folder, tmp_path, capsys):
