@@ -140,6 +140,7 @@ ROWS = [
     Row("ingest-missing-dataset", ("ingest", "{bad}/nowhere", "--out", "{bad}/o1.zarr", "--quiet"), ("{bad}/nowhere",)),
     Row("ingest-truncated-case", ("ingest", "{bad}/ds_bad", "--out", "{bad}/o2.zarr", "--quiet", "--workers", "1"), ("case_t",), codes=(1,), owner="store"),
     Row("ingest-out-is-a-file", ("ingest", "{bad}/ds", "--out", "{bad}/an_existing_file", "--quiet"), ("{bad}/an_existing_file",), owner="store"),
+    Row("ingest-out-unwritable", ("ingest", "{bad}/ds", "--out", "/proc/spadkit_test.zarr", "--quiet"), ("/proc/spadkit_test.zarr",), owner="store"),
     Row("ingest-workers-negative", ("ingest", "{bad}/ds", "--out", "{bad}/o3.zarr", "--workers", "-1", "--quiet"), ("-1",), owner="store"),
     Row("ingest-workers-not-a-number", ("ingest", "{bad}/ds", "--out", "{bad}/o4.zarr", "--workers", "many"), ("--workers", "many")),
     Row(
