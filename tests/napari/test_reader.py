@@ -9,12 +9,15 @@ import nrrd
 import numpy as np
 import pytest
 import zarr
+from napari.components import ViewerModel
 from spadkit_napari._geometry import affine_of_layer
 from spadkit_napari._reader import napari_get_reader
 
 from spadkit.errors import StoreError
+from spadkit.ingest import intensity_stats
 from spadkit.io import OMEZarrStore, write_nifti
-from tests.napari.conftest import MARKER, ORIGIN_XYZ, VIEWS, marker_offset
+from spadkit.volume import Volume
+from tests.napari.conftest import MARKER, ORIGIN_XYZ, SHAPE, VIEWS, marker_offset
 
 
 def test_claims_spadkit_stores_and_medical_files_and_leaves_the_rest(tmp_path, store_path, pydicom_data, marked_case):
@@ -53,7 +56,9 @@ def test_a_case_becomes_a_lazy_multiscale_image_and_visible_labels_placed_in_mm(
     assert isinstance(labels, np.ndarray) and (labels[MARKER] == 1).all()  # in memory: editable, not the stored version
 
 
-def test_a_store_with_several_cases_names_them(store_path, marked_case):
+def test_a_store_opens_its_only_case_and_names_them_when_there_are_several(store_path, marked_case):
+    layers = napari_get_reader(str(store_path))(str(store_path))
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["brain", "seg v1"]
     OMEZarrStore(str(store_path), mode="a").write_case("knee", *marked_case)
     with pytest.raises(StoreError, match=r"2 cases.*\n.*marked.zarr/brain.*brain, knee"):
         napari_get_reader(str(store_path))(str(store_path))
@@ -86,3 +91,18 @@ def test_nrrd_and_dicom_files_open_in_ras_at_their_spacing(tmp_path, pydicom_dat
     [(ct, kwargs, _)] = napari_get_reader(str(pydicom_data / "CT_small.dcm"))(str(pydicom_data / "CT_small.dcm"))
     assert ct.shape == (1, 128, 128)
     np.testing.assert_allclose(kwargs["scale"][1:], (-0.661468, -0.661468), rtol=1e-5)  # PixelSpacing, mm
+
+
+def test_channels_become_one_multiscale_layer_each_with_their_own_contrast(tmp_path, marked_case):
+    image, _ = marked_case
+    two = Volume(np.concatenate([image.numpy(), 2 * image.numpy()]), image.affine)
+    store = OMEZarrStore(str(tmp_path / "two.zarr"), mode="a")
+    store.write_case("pair", two, attrs={"intensity": intensity_stats(two)})
+    viewer = ViewerModel()
+    layers = viewer.open(str(tmp_path / "two.zarr" / "pair"), plugin="spadkit")
+    assert len(layers) == 2 and all(layer.multiscale for layer in layers)
+    assert [layer.data[0].shape for layer in layers] == [SHAPE, SHAPE]
+    low, high = (np.asarray(layer.contrast_limits) for layer in layers)
+    np.testing.assert_allclose(high, 2 * low)  # each channel its own percentiles
+    np.testing.assert_array_equal(np.asarray(layers[1].data[0][5]), 2 * np.asarray(layers[0].data[0][5]))
+    np.testing.assert_allclose(np.asarray(layers[1].data[1][5]), 2 * np.asarray(layers[0].data[1][5]), atol=1)  # rounded block means
