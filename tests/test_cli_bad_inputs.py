@@ -80,6 +80,7 @@ def bad(tmp_path_factory) -> Path:
     torch.save({"state_dict": {}, "payload": _Hostile(root / "PWNED")}, root / "hostile.ckpt")
     (root / "pickle.ckpt").write_bytes(pickle.dumps({"payload": _Hostile(root / "PWNED")}))
     torch.save({"state_dict": {"w": torch.zeros(3)}}, root / "whole.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "this.Zen"}}, root / "hparams.ckpt")  # plain data naming code
     (root / "truncated.ckpt").write_bytes((root / "whole.ckpt").read_bytes()[:100])
     tokenizer = save_pretrained(create_model("spad_vt_test"), PretrainedCfg(architecture="spad_vt_test"), root / "tok_bad_cfg")
     (tokenizer / "pretrained_cfg.json").write_text(json.dumps({"architecture": "spad_vt_test", "in_chans": 3000000}))
@@ -166,6 +167,7 @@ ROWS = [
     Row("pretrain-class-path-spadkit-outside-allowlist", (*PRETRAIN, "--config", "{bad}/cfg_spadkit_outside.yaml"), ("spadkit.catalog.Catalog", "not allowed")),
     Row("pretrain-patch-multiple-dotted", (*PRETRAIN, "--config", "{bad}/cfg_multiple.yaml"), ("builtins.print",)),
     Row("pretrain-hostile-checkpoint", (*PRETRAIN, "--ckpt_path", "{bad}/hostile.ckpt"), ("{bad}/hostile.ckpt", "pickled code")),
+    Row("pretrain-checkpoint-hparams-class-path", (*PRETRAIN, "--ckpt_path", "{bad}/hparams.ckpt"), ("this.Zen", "not allowed")),
     Row("pretrain-plain-pickle-checkpoint", (*PRETRAIN, "--ckpt_path", "{bad}/pickle.ckpt"), ("{bad}/pickle.ckpt",)),
     Row("pretrain-truncated-checkpoint", (*PRETRAIN, "--ckpt_path", "{bad}/truncated.ckpt"), ("{bad}/truncated.ckpt",)),
     Row("pretrain-missing-checkpoint", (*PRETRAIN, "--ckpt_path", "{bad}/nowhere.ckpt"), ("{bad}/nowhere.ckpt",)),
