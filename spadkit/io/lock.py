@@ -59,7 +59,7 @@ def store_lock(url: str, name: str, what: str, *, timeout_s: float = 0.0) -> Ite
 
     Args:
         url: the store's path or URL (remote stores are not locked).
-        name: lock file path relative to the store root, e.g. ``".spadkit-ingest.lock"``.
+        name: lock file path relative to the store root, e.g. ``".spadkit/ingest.lock"``.
         what: what the holder does, recorded for the message of a waiting writer.
         timeout_s: how long to wait for the lock (0: fail at once).
 
@@ -85,9 +85,9 @@ def store_lock(url: str, name: str, what: str, *, timeout_s: float = 0.0) -> Ite
                     raise StoreError(
                         f"the store is locked by {_describe_holder(path)}",
                         path=path,
-                        fix=f"wait until that {what.split()[0]} finishes and run again. The lock is released when its process "
-                        "exits, even when it is killed; if that process no longer runs and the message persists (a network "
-                        f"file system that lost the lock), delete {path}.",
+                        fix="wait until it finishes and try again. The lock is released when its process exits, even when "
+                        "it is killed; if that process no longer runs and the message persists (a network file system that "
+                        f"lost the lock), delete {path}.",
                     ) from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
