@@ -61,6 +61,12 @@ def _read(array: Any, index: tuple) -> np.ndarray:
     return np.asarray(part.compute() if hasattr(part, "compute") else part)
 
 
+def _in_memory_if_small(volume: Volume, max_memory_mb: float) -> Volume:
+    """``volume`` read into memory when it is lazy and at most ``max_memory_mb`` MiB decoded, else unchanged."""
+    nbytes = np.prod(volume.shape, dtype=np.float64) * volume.dtype.itemsize
+    return volume.load() if volume.is_lazy and nbytes <= max_memory_mb * 2**20 else volume
+
+
 class SliceViewer:
     """Browse a volume slice by slice with window/level and a label overlay.
 
@@ -72,8 +78,12 @@ class SliceViewer:
     percentile window), ``opacity_slider`` (label overlay, 0-1). Display the
     viewer by making it the last expression of a cell or with ``display(viewer)``.
 
-    Only the slice on screen is read, so lazy (Dask/Zarr) volumes stay lazy; the
-    automatic window is computed from the three middle slices.
+    A lazy (Dask/Zarr/NIfTI) volume of at most ``max_memory_mb`` decoded is read
+    into memory once, so browsing is fast (a slice of a ``.nii.gz`` would
+    otherwise decompress the file again); a larger one stays lazy and only the
+    slice on screen is read. The automatic window comes from the three middle
+    slices. Sliders update when released (or on each arrow-key step), so a drag
+    does not queue up redraws in the kernel.
 
     Args:
         volume: image ``(C, Z, Y, X)`` in any orientation.
@@ -82,6 +92,7 @@ class SliceViewer:
         convention: ``"radiological"`` (patient right on screen left) or ``"neurological"``.
         opacity: initial label opacity in [0, 1].
         width_in: figure width in inches (the height follows the physical aspect).
+        max_memory_mb: largest lazy volume (and label) read into memory up front, in MiB.
 
     Raises:
         SpadkitError: ``volume`` is not a Volume, or a bad ``axis``/``convention``/``opacity``.
@@ -97,6 +108,7 @@ class SliceViewer:
         convention: str = "radiological",
         opacity: float = 0.4,
         width_in: float = 4.5,
+        max_memory_mb: float = 512.0,
     ):
         if not isinstance(volume, Volume):
             raise SpadkitError(f"SliceViewer shows a spadkit Volume, got {type(volume).__name__}", fix="read the file with spadkit.io.read_volume(path) first.")
@@ -106,8 +118,8 @@ class SliceViewer:
             raise SpadkitError(f"label opacity must be in [0, 1], got {opacity}", fix="pass e.g. opacity=0.4.")
         if label is not None:
             label.check_matches(volume)
-        self.volume = volume.canonical()
-        self.label = label.canonical() if label is not None else None
+        self.volume = _in_memory_if_small(volume.canonical(), max_memory_mb)
+        self.label = _in_memory_if_small(label.canonical(), max_memory_mb) if label is not None else None
         self.convention = convention
         self.width_in = float(width_in)
         views = AXES[:1] if volume.is_2d else AXES
@@ -125,12 +137,12 @@ class SliceViewer:
         span = float(self._value_range[1] - self._value_range[0]) or 1.0
         step = span / 500
         self.axis_buttons = widgets.ToggleButtons(options=list(views), value=axis, description="view")
-        self.slice_slider = widgets.IntSlider(description="slice", min=0, max=1, continuous_update=True)
-        self.channel_slider = widgets.IntSlider(description="channel", min=0, max=self.volume.num_channels - 1, value=0) if self.volume.num_channels > 1 else None
-        self.level_slider = widgets.FloatSlider(description="level", min=self._value_range[0], max=self._value_range[1], step=step, value=(lo + hi) / 2)
-        self.window_slider = widgets.FloatSlider(description="window", min=step, max=span, step=step, value=max(hi - lo, step))
+        self.slice_slider = widgets.IntSlider(description="slice", min=0, max=1, continuous_update=False)
+        self.channel_slider = widgets.IntSlider(description="channel", min=0, max=self.volume.num_channels - 1, value=0, continuous_update=False) if self.volume.num_channels > 1 else None
+        self.level_slider = widgets.FloatSlider(description="level", min=self._value_range[0], max=self._value_range[1], step=step, value=(lo + hi) / 2, continuous_update=False)
+        self.window_slider = widgets.FloatSlider(description="window", min=step, max=span, step=step, value=max(hi - lo, step), continuous_update=False)
         self.auto_button = widgets.Button(description="auto window", tooltip=f"window the {AUTO_WINDOW_PERCENTILES[0]:g}-{AUTO_WINDOW_PERCENTILES[1]:g} percentiles")
-        self.opacity_slider = widgets.FloatSlider(description="label", min=0.0, max=1.0, step=0.05, value=opacity, disabled=self.label is None)
+        self.opacity_slider = widgets.FloatSlider(description="label", min=0.0, max=1.0, step=0.05, value=opacity, disabled=self.label is None, continuous_update=False)
         self.image_widget = widgets.Image(format="png")
         self._set_slice_range()
 
@@ -245,9 +257,11 @@ class SliceViewer:
         self.ax.set_title(f"{self.axis} {self.index}/{last}  {world} = {self.slice_position_mm:.1f} mm  ({self.convention})", fontsize=9)
         rows, cols = plane.shape
         height = np.clip(self.width_in * rows * self.aspect / max(cols, 1), 1.5, 2 * self.width_in)
-        self.figure.set_size_inches(self.width_in, height + 0.5)
+        title_in = 0.3
+        self.figure.set_size_inches(self.width_in, height + title_in)
+        self.figure.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=height / (height + title_in))
         buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight", pad_inches=0.05)
+        self.figure.savefig(buffer, format="png", dpi=100)
         png = buffer.getvalue()
         self.image_widget.value = png
         self.image_widget.width = str(int.from_bytes(png[16:20], "big"))  # PNG header: show at 1:1, never stretched

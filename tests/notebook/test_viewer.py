@@ -143,11 +143,19 @@ def test_without_label_the_opacity_control_is_disabled():
         viewer.plane("label")
 
 
-def test_lazy_volume_stays_lazy_and_channels_have_a_slider():
+def test_small_lazy_volumes_are_loaded_once_large_ones_stay_lazy():
+    volume = Volume.from_spacing(da.from_array(marked_volume().numpy(), chunks=(1, 2, 8, 10)), (3.0, 1.0, 1.0))
+    assert not SliceViewer(volume).volume.is_lazy  # 1.9 KB: read once, browsing is fast
+    lazy = SliceViewer(volume, max_memory_mb=0.001)  # 1 KiB budget
+    assert lazy.volume.is_lazy
+    lazy.slice_slider.value = 2
+    np.testing.assert_array_equal(lazy.plane(), volume.numpy()[0, 2, ::-1, ::-1])
+
+
+def test_channels_have_a_slider():
     data = np.stack([marked_volume().numpy()[0], -marked_volume().numpy()[0]])
     volume = Volume.from_spacing(da.from_array(data, chunks=(1, 2, 8, 10)), (3.0, 1.0, 1.0))
     viewer = SliceViewer(volume)
-    assert viewer.volume.is_lazy
     viewer.channel_slider.value = 1
     np.testing.assert_array_equal(viewer.plane(), -data[0, SHAPE[0] // 2, ::-1, ::-1])
 
