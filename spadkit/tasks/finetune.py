@@ -31,7 +31,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
-from monai.metrics import ConfusionMatrixMetric, DiceMetric, ROCAUCMetric
+from monai.metrics import (
+    ConfusionMatrixMetric,
+    DiceMetric,
+    HausdorffDistanceMetric,
+    ROCAUCMetric,
+    SurfaceDiceMetric,
+)
 from torch import nn
 
 from spadkit.errors import SpadkitError
@@ -176,6 +182,8 @@ class SegFinetune(_Finetune):
         freeze, unfreeze_blocks: the freezing schedule.
         lr, weight_decay, layer_decay, warmup_steps: optimiser.
         lambda_dice, lambda_ce: weights of the masked Dice (MONAI) and cross-entropy terms.
+        surface_tolerance_mm: also log HD95 (mm) and surface Dice at this tolerance (MONAI, in the
+            batch's spacing) on fully annotated validation samples (surfaces of partial labels are undefined).
         export_dir: where ``on_train_end`` writes the fine-tuned model (``save_pretrained``), for
             ``create_model(model, pretrained=export_dir, num_classes=...)`` and :func:`spadkit.infer.predict`.
     """
@@ -196,12 +204,19 @@ class SegFinetune(_Finetune):
         warmup_steps: int = 10,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        surface_tolerance_mm: float | None = None,
         export_dir: str | None = None,
     ):
         self.save_hyperparameters()
         super().__init__(model, {"num_classes": num_classes, "in_chans": in_chans, "backbone": backbone}, init_weights, load_head)
         self.dice_loss = MaskedDiceLoss(include_background=False, softmax=True, batch=True)
         self.dice_metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
+        self.surface_metrics: dict[str, Any] = {}
+        if surface_tolerance_mm is not None:
+            self.surface_metrics = {
+                "hd95_mm": HausdorffDistanceMetric(percentile=95, reduction="mean"),
+                "surface_dice": SurfaceDiceMetric([surface_tolerance_mm] * (num_classes - 1), reduction="mean"),
+            }
 
     def _targets(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``label`` ``(B, 1, Z, Y, X)`` long and ``annotated`` ``(B, 1, Z, Y, X)`` float (all ones when absent)."""
@@ -239,7 +254,12 @@ class SegFinetune(_Finetune):
         k = logits.shape[1]
         keep = annotated.float()
         pred = F.one_hot(logits.argmax(1), k).movedim(-1, 1).float() * keep
-        self.dice_metric(pred, F.one_hot(label[:, 0].clamp(min=0), k).movedim(-1, 1).float() * keep)
+        target = F.one_hot(label[:, 0].clamp(min=0), k).movedim(-1, 1).float() * keep
+        self.dice_metric(pred, target)
+        full = annotated.flatten(1).all(1)
+        for i in full.nonzero()[:, 0].tolist():  # per sample: the metrics take one spacing per call
+            for metric in self.surface_metrics.values():
+                metric(pred[i : i + 1], target[i : i + 1], spacing=batch["spacing"][i].tolist())
 
     def on_validation_epoch_end(self) -> None:
         dice = self.dice_metric.aggregate()
@@ -247,6 +267,10 @@ class SegFinetune(_Finetune):
         self.log("val/dice", torch.nan_to_num(dice).mean(), prog_bar=True, sync_dist=True)
         for c, value in enumerate(dice.tolist(), start=1):
             self.log(f"val/dice_{c}", value, sync_dist=True)
+        for name, metric in self.surface_metrics.items():
+            if metric.get_buffer() is not None:
+                self.log(f"val/{name}", float(metric.aggregate()), sync_dist=True)
+            metric.reset()
 
 
 class ClsFinetune(_Finetune):

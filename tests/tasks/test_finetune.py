@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spadkit.errors import SpadkitError
 from spadkit.infer import predict
@@ -217,3 +218,28 @@ def test_finetune_config_trains_from_a_store_and_exports_a_predictor(tmp_path):
     model = create_model("spad_unetr_test", pretrained=export, num_classes=2)
     assert model.pretrained_cfg.provenance["steps"] == 2 and model.pretrained_cfg.modalities == ["MR"]
     assert predict(model, image, ISO).labels.shape == labels.shape
+
+
+class _Oracle(torch.nn.Module):
+    """Logits that reproduce a fixed label map (a perfect segmenter), for the metric plumbing."""
+
+    def __init__(self, label: torch.Tensor, shift: int = 0):
+        super().__init__()
+        self.label, self.shift, self.backbone = label, shift, create_model("spad_vit_test")
+
+    def forward(self, x, spacing):
+        return F.one_hot(self.label[:, 0].roll(self.shift, dims=-1), 2).movedim(-1, 1).float() * 10
+
+
+def test_validation_metrics_dice_hd95_surface_dice(mni):
+    image, labels = mni
+    box = (slice(0, 16), slice(0, 32), slice(0, 32))
+    full = _seg_batch(image, labels, np.ones(labels.shape, bool), box)
+    task = SegFinetune(surface_tolerance_mm=1.0)
+    task.model = _Oracle(full["label"].long())
+    trainer = fit(task, [], 0)
+    perfect = trainer.validate(task, torch.utils.data.DataLoader([full], batch_size=None), verbose=False)[0]
+    assert perfect["val/dice"] == pytest.approx(1.0) and perfect["val/hd95_mm"] == 0.0 and perfect["val/surface_dice"] == pytest.approx(1.0)
+    task.model = _Oracle(full["label"].long(), shift=3)  # the whole map 3 voxels (mm) off along X
+    shifted = trainer.validate(task, torch.utils.data.DataLoader([full], batch_size=None), verbose=False)[0]
+    assert shifted["val/dice"] < 0.9 and 2.0 <= shifted["val/hd95_mm"] <= 5.0 and shifted["val/surface_dice"] < 0.9  # roll wraps at the edge
