@@ -227,24 +227,6 @@ def test_pumit_body_percentiles_map_air_to_zero_on_a_padded_ct(tmp_path, rng):
     assert OMEZarrStore(url).info["fingerprint"]["intensity"]["0:CT"]["median_case_body_p0.5"] == stats["body"]["p0.5"]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.int32])
-def test_chunk_wise_statistics_equal_numpy_on_volumes_larger_than_a_slab(monkeypatch, rng, dtype):
-    from spadkit import stats
-
-    monkeypatch.setattr(stats, "SLAB_VOXELS", 1000)  # many slabs
-    monkeypatch.setattr(stats, "MAX_HISTOGRAM_BINS", 1 << 22 if dtype is np.int32 else 1)
-    data = (rng.normal(0, 300, size=(2, 30, 17, 23)) + rng.integers(0, 2, size=(2, 30, 17, 23)) * -2000).astype(dtype)
-    data[0, :3] = data[0].min()
-    label = (rng.random((1, 30, 17, 23)) > 0.7).astype(np.uint8)
-    for channel, entry in enumerate(stats.intensity_stats(data, label)):
-        values = data[channel].astype(np.float64)
-        for key, subset in (("all", values.ravel()), ("body", values[values > values.min()]), ("foreground", values[label[0] > 0])):
-            got = entry if key == "all" else entry[key]
-            assert got["count"] == subset.size
-            assert got["mean"] == pytest.approx(subset.mean()) and got["std"] == pytest.approx(subset.std())
-            assert [got[f"p{p:g}"] for p in stats.PERCENTILES] == pytest.approx(np.percentile(subset, stats.PERCENTILES).tolist())
-
-
 def test_assumed_spacing_is_recorded_and_left_out_of_the_fingerprint(tmp_path, rng):
     from PIL import Image
 
