@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import zarr
 from napari.components import ViewerModel
-from spadkit_napari._geometry import affine_of_layer
+from spadkit_napari._geometry import affine_of_layer, layer_transform
 from spadkit_napari._reader import napari_get_reader
 
 from spadkit.errors import StoreError
 from spadkit.ingest import intensity_stats
 from spadkit.io import OMEZarrStore, write_nifti
 from spadkit.volume import Volume
-from tests.napari.conftest import MARKER, ORIGIN_XYZ, SHAPE, VIEWS, marker_offset
+from tests.napari.conftest import MARKER, ORIGIN_XYZ, SHAPE, VIEWS, marker_offset, save_screenshot
 
 
 def test_claims_spadkit_stores_and_medical_files_and_leaves_the_rest(tmp_path, store_path, pydicom_data, marked_case):
@@ -106,3 +106,24 @@ def test_channels_become_one_multiscale_layer_each_with_their_own_contrast(tmp_p
     np.testing.assert_allclose(high, 2 * low)  # each channel its own percentiles
     np.testing.assert_array_equal(np.asarray(layers[1].data[0][5]), 2 * np.asarray(layers[0].data[0][5]))
     np.testing.assert_allclose(np.asarray(layers[1].data[1][5]), 2 * np.asarray(layers[0].data[1][5]), atol=1)  # rounded block means
+
+
+@pytest.mark.gui
+def test_the_3d_view_starts_from_the_patients_feet_unmirrored(make_napari_viewer, artifacts):
+    data = np.zeros((60, 60, 60), np.float32)
+    data[5:15, 25:35, 5:15] = 1.0  # inferior, on the patient's left
+    data[45:55, 25:35, 45:55] = 1.0  # superior, on the patient's right
+    data[28:32, 52:58, 28:32] = 1.0  # anterior
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(data, rendering="mip", **layer_transform(Volume.from_spacing(data, (1, 1, 1)).affine))
+    viewer.dims.ndisplay = 3
+    getattr(viewer, "scene", viewer).camera.perspective = 60  # nearer cubes look larger (napari < 0.9: viewer.camera)
+    viewer.reset_view()
+    shot = save_screenshot(viewer, artifacts, "cubes_3d")[..., :3].mean(axis=2) > 100
+    half = shot.shape[1] // 2
+    on_left, on_right = shot[:, :half].sum(), shot[:, half:].sum()
+    # the superior-right cube is on the screen's left and far, the inferior-left one on the right and near,
+    # the anterior one above the centre: seen from the feet, anterior up, as a person standing there sees it
+    assert on_right > 2 * on_left, (on_left, on_right)
+    anterior_row = np.argwhere(shot[:, half - 40 : half + 40]).mean(axis=0)[0]
+    assert anterior_row < shot.shape[0] / 2 - 20, anterior_row
