@@ -4,10 +4,10 @@ The acceptance instrument for pretraining (issue 10). A linear probe (logistic
 regression) is fitted on frozen token features of a few labelled axial slices
 and scored on voxels it never saw. Features are ``(C, gz, gy, gx)`` token maps;
 because trilinear upsampling and an affine probe commute (interpolation weights
-sum to one), the probe is fitted on features upsampled to the labelled voxels
-and *applied on the token grid*, and only its logit map is upsampled to the
-voxels of the evaluation region: exactly the probe on upsampled features, at a
-fraction of the memory.
+sum to one), the probe is fitted on features interpolated at the labelled voxels
+and *applied on the token grid*, and only its logit map is interpolated at the
+evaluation voxels: exactly the probe on upsampled features, without ever
+building a full-resolution feature map.
 
 Data (all bundled with nilearn, MNI152 2009a symmetric, 1 mm, RAS ``(Z, Y, X)``):
 
@@ -270,26 +270,27 @@ def target_features(target: str, step: int = 8) -> FeatureFn:
     return features
 
 
-def upsample_logits(logits: torch.Tensor, token_map: TokenMap, shape: Sequence[int]) -> np.ndarray:
-    """Trilinear upsampling of a ``(gz, gy, gx)`` map on ``token_map``'s grid to the ``shape`` voxels."""
-    size = tuple(g * p for g, p in zip(logits.shape, token_map.step))
-    full = F.interpolate(logits[None, None].float(), size=size, mode="trilinear", align_corners=False)[0, 0]
-    return full[tuple(slice(o, o + n) for o, n in zip(token_map.offset, shape))].numpy()
+def _axis_weights(positions: np.ndarray, cells: int, step: int, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower cell, upper cell and upper weight of PyTorch's linear interpolation (``align_corners=False``)."""
+    source = np.maximum((positions + offset + 0.5) / step - 0.5, 0.0)
+    lower = np.minimum(np.floor(source).astype(np.int64), cells - 1)
+    return lower, np.minimum(lower + 1, cells - 1), (source - lower).astype(np.float32)
 
 
-def features_at_slices(token_map: TokenMap, shape: Sequence[int], slices: Sequence[int]) -> np.ndarray:
-    """Token features trilinearly upsampled to the voxels of axial ``slices``: ``(len(slices), Y, X, C)``.
+def features_at_points(token_map: TokenMap, points: np.ndarray) -> np.ndarray:
+    """Token features trilinearly interpolated at voxels ``points`` ``(N, 3)`` (z, y, x): ``(N, C)``.
 
-    Trilinear interpolation is separable, so depth is interpolated on the token grid
-    first and only the chosen slices are interpolated in-plane.
+    Equal to ``F.interpolate(..., scale_factor=step, mode="trilinear")`` read at those voxels
+    (offset dropped), without building the full-resolution map.
     """
-    feats, step, offset = token_map.features, token_map.step, token_map.offset
-    gz, gy, gx = feats.shape[1:]
-    depth = F.interpolate(feats[None].float(), size=(gz * step[0], gy, gx), mode="trilinear", align_corners=False)[0]
-    chosen = depth[:, [z + offset[0] for z in slices]].transpose(0, 1)  # (S, C, gy, gx)
-    plane = F.interpolate(chosen, size=(gy * step[1], gx * step[2]), mode="bilinear", align_corners=False)
-    plane = plane[:, :, offset[1] : offset[1] + shape[1], offset[2] : offset[2] + shape[2]]
-    return plane.permute(0, 2, 3, 1).numpy()
+    feats = token_map.features.float()
+    axes = [_axis_weights(points[:, a], feats.shape[1 + a], token_map.step[a], token_map.offset[a]) for a in range(3)]
+    out = torch.zeros(feats.shape[0], len(points))
+    for corner in itertools.product((0, 1), repeat=3):
+        index = [torch.from_numpy(axis[c]) for axis, c in zip(axes, corner)]
+        weight = math.prod(torch.from_numpy(axis[2] if c else 1.0 - axis[2]) for axis, c in zip(axes, corner))
+        out += feats[:, index[0], index[1], index[2]] * weight
+    return out.T.numpy()
 
 
 # ---------------------------------------------------------------------- metrics
@@ -365,16 +366,15 @@ class _TokenArm:
     """Token features of each evaluation volume; the probe is applied on the token grid."""
 
     def __init__(self, fn: FeatureFn, volumes: Mapping[str, ProbeVolume]):
-        self.volumes = volumes
         self.maps = {name: fn(volume) for name, volume in volumes.items()}
 
-    def at_slices(self, name: str, slices: Sequence[int]) -> np.ndarray:
-        return features_at_slices(self.maps[name], self.volumes[name].image.shape, slices)
+    def at_points(self, name: str, points: np.ndarray) -> np.ndarray:
+        return features_at_points(self.maps[name], points)
 
-    def logits(self, name: str, weight: np.ndarray, bias: float) -> np.ndarray:
-        feats = self.maps[name].features
-        token_logits = torch.einsum("c,czyx->zyx", torch.from_numpy(weight).to(feats), feats) + bias
-        return upsample_logits(token_logits, self.maps[name], self.volumes[name].image.shape)
+    def logits(self, name: str, weight: np.ndarray, bias: float, points: np.ndarray) -> np.ndarray:
+        token_map = self.maps[name]
+        token_logits = torch.einsum("c,czyx->zyx", torch.from_numpy(weight).to(token_map.features), token_map.features) + bias
+        return features_at_points(dataclasses.replace(token_map, features=token_logits[None]), points)[:, 0]
 
 
 class _IntensityArm:
@@ -383,15 +383,12 @@ class _IntensityArm:
     def __init__(self, volumes: Mapping[str, ProbeVolume]):
         self.volumes = volumes
 
-    @staticmethod
-    def _quadratic(image: np.ndarray) -> np.ndarray:
-        return np.stack([image, image**2], axis=-1)
+    def at_points(self, name: str, points: np.ndarray) -> np.ndarray:
+        values = self.volumes[name].image[tuple(points.T)]
+        return np.stack([values, values**2], axis=-1)
 
-    def at_slices(self, name: str, slices: Sequence[int]) -> np.ndarray:
-        return self._quadratic(self.volumes[name].image[list(slices)])
-
-    def logits(self, name: str, weight: np.ndarray, bias: float) -> np.ndarray:
-        return self._quadratic(self.volumes[name].image) @ weight + bias
+    def logits(self, name: str, weight: np.ndarray, bias: float, points: np.ndarray) -> np.ndarray:
+        return self.at_points(name, points) @ weight + bias
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, regularisation: float) -> tuple[np.ndarray, float]:
@@ -430,24 +427,26 @@ def run_probe(
     runs = []
     train = volumes[train_volume]
     train_side = hemisphere(train, right=False)
-    eval_voxels = {}
+    eval_points = {}
     for name, volume in volumes.items():
         grid = np.zeros(volume.image.shape, bool)
         grid[:: settings.eval_stride, :: settings.eval_stride, :: settings.eval_stride] = True
-        eval_voxels[name] = hemisphere(volume, right=True) & grid
+        eval_points[name] = np.argwhere(hemisphere(volume, right=True) & grid)
     for arm, spec in arms.items():
         providers = [(seed, spec) for seed in settings.seeds] if spec is None or callable(spec) else list(zip(settings.seeds, spec))
         for seed, fn in providers:
             source = _IntensityArm(volumes) if fn is None else _TokenArm(fn, volumes)
             for target, k in itertools.product(targets, settings.ks):
                 slices = choose_slices(train.targets[target] & train_side, k, seed, settings.min_positive)
-                chosen = train_side[slices]
-                x, y = source.at_slices(train_volume, slices)[chosen], train.targets[target][slices][chosen]
-                keep = np.random.default_rng([seed, k, 7]).choice(len(y), size=min(len(y), settings.max_train_voxels), replace=False)
-                weight, bias = _fit_logistic(x[keep], y[keep], settings.regularisation)
-                threshold, _ = best_dice(x[keep] @ weight + bias, y[keep])
+                in_slices = np.zeros_like(train_side)
+                in_slices[slices] = True
+                points = np.argwhere(train_side & in_slices)
+                points = points[np.random.default_rng([seed, k, 7]).choice(len(points), size=min(len(points), settings.max_train_voxels), replace=False)]
+                x, y = source.at_points(train_volume, points), train.targets[target][tuple(points.T)]
+                weight, bias = _fit_logistic(x, y, settings.regularisation)
+                threshold, _ = best_dice(x @ weight + bias, y)
                 for name, volume in volumes.items():
-                    voxels = eval_voxels[name]
-                    metrics = score(source.logits(name, weight, bias)[voxels], volume.targets[target][voxels], threshold)
+                    points = eval_points[name]
+                    metrics = score(source.logits(name, weight, bias, points), volume.targets[target][tuple(points.T)], threshold)
                     runs.append({"target": target, "arm": arm, "k": k, "seed": seed, "eval": name, "slices": slices, "threshold": threshold, **metrics})
     return runs

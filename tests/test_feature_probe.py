@@ -19,14 +19,13 @@ from spadkit.probe import (
     backbone_features,
     best_dice,
     dense_tokens,
-    features_at_slices,
+    features_at_points,
     heldout_copy,
     hemisphere,
     histogram_features,
     mni152_probe_volume,
     run_probe,
     target_features,
-    upsample_logits,
     ventricle_mask,
 )
 
@@ -41,18 +40,26 @@ def _ramp_volume() -> ProbeVolume:
 
 @pytest.mark.parametrize("shifts", [1, 2, 4])
 def test_token_map_cells_land_on_their_voxels(shifts):
-    """Token means of a linear ramp, upsampled, give the ramp back inside the volume (any shift count)."""
+    """Token means of a linear ramp, interpolated at voxels, give the ramp back inside the volume (any shift count)."""
     volume = _ramp_volume()
     token_map = dense_tokens(volume, lambda x, spacing: F.avg_pool3d(x, 16)[0], (16, 16, 16), shifts)
     assert token_map.step == (16 // shifts,) * 3
-    inner = (slice(10, 38),) * 3  # away from the padding
-    upsampled = upsample_logits(token_map.features[0], token_map, volume.image.shape)
-    np.testing.assert_allclose(upsampled[inner], volume.image[inner], atol=1e-5)
-    at_slices = features_at_slices(token_map, volume.image.shape, [12, 30])[..., 0]
-    np.testing.assert_allclose(at_slices[:, 10:38, 10:38], volume.image[[12, 30], 10:38, 10:38], atol=1e-5)
-    shifted = TokenMap(token_map.features, token_map.step, (0, 0, 0))  # a wrong offset is caught
-    if shifts > 1:
-        assert np.abs(upsample_logits(shifted.features[0], shifted, volume.image.shape)[inner] - volume.image[inner]).max() > 1e-3
+    inner = np.argwhere(np.ones((28, 28, 28), bool)) + 10  # away from the padding
+    values = features_at_points(token_map, inner)[:, 0]
+    np.testing.assert_allclose(values, volume.image[tuple(inner.T)], atol=1e-5)
+    if shifts > 1:  # a wrong offset is caught
+        shifted = TokenMap(token_map.features, token_map.step, (0, 0, 0))
+        assert np.abs(features_at_points(shifted, inner)[:, 0] - values).max() > 1e-3
+
+
+def test_point_interpolation_is_torch_trilinear():
+    """features_at_points equals F.interpolate(mode="trilinear") everywhere, borders included."""
+    generator = torch.Generator().manual_seed(0)
+    token_map = TokenMap(torch.randn(3, 4, 5, 6, generator=generator), (8, 4, 2), (4, 2, 0))
+    full = F.interpolate(token_map.features[None], scale_factor=token_map.step, mode="trilinear", align_corners=False)[0]
+    points = np.argwhere(np.ones((28, 18, 12), bool))
+    expected = full[:, points[:, 0] + 4, points[:, 1] + 2, points[:, 2]].T.numpy()
+    np.testing.assert_allclose(features_at_points(token_map, points), expected, atol=1e-5)
 
 
 def test_best_dice_picks_the_best_cut():
@@ -100,7 +107,7 @@ def test_probe_is_sane_and_can_fail(mni2):
     torch.manual_seed(0)
     arms = {"intensity": None, "histogram": histogram_features(), "noise": noise, "answer": target_features("ventricles", step=8), "random": backbone_features(create_model("spad_vit_test"))}
     volumes = {"transductive": mni2, "heldout": heldout_copy(mni2)}
-    runs = run_probe(arms, volumes, ProbeSettings(ks=(16,), seeds=(0,), max_train_voxels=6000, eval_stride=1))
+    runs = run_probe(arms, volumes, ProbeSettings(ks=(16,), seeds=(0,), max_train_voxels=6000, eval_stride=2))
     got = {(r["arm"], r["target"], r["eval"]): r for r in runs}
     assert len(runs) == 5 * 2 * 2
     right = hemisphere(mni2, right=True)
@@ -115,12 +122,13 @@ def test_probe_is_sane_and_can_fail(mni2):
     assert all(0 <= r["dice_thr"] <= r["dice_oracle"] + 1e-9 <= 1 + 1e-9 and 0 < r["ap"] <= 1 for r in runs)
 
 
+@pytest.mark.slow
 def test_cli_writes_runs_and_plot(tmp_path):
     spec = importlib.util.spec_from_file_location("feature_probe", Path(__file__).parents[1] / "benchmarks" / "feature_probe.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "probe.json"
-    bench.main(["--out", str(out), "--downsample", "3", "--ks", "1", "--seeds", "0", "--shifts", "1", "--arms", "random", "histogram", "--threads", "1"])
+    bench.main(["--out", str(out), "--downsample", "4", "--ks", "1", "--seeds", "0", "--shifts", "1", "--arms", "random", "histogram", "--threads", "1"])
     result = json.loads(out.read_text())
     assert {(r["arm"], r["target"], r["k"], r["seed"]) for r in result["runs"]} == {
         (arm, target, 1, 0) for arm in ("random", "histogram") for target in ("gm", "ventricles")
