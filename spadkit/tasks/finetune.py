@@ -236,9 +236,9 @@ class SegFinetune(_Finetune):
             raise SpadkitError("the batch has an empty annotated mask: nothing to learn from", fix="sample patches from annotated slices only (or annotate some voxels).")
         self._check_labels(label[annotated], logits.shape[1])
         mask = annotated.float()
-        onehot = F.one_hot(label.clamp(min=0)[:, 0], logits.shape[1]).movedim(-1, 1).float()
-        dice = self.dice_loss(logits, onehot, mask)
-        ce = (F.cross_entropy(logits, label[:, 0].clamp(min=0), reduction="none") * mask[:, 0]).sum() / mask.sum()
+        label = torch.where(annotated, label, 0)[:, 0]  # unannotated values (e.g. 255 = unknown) are never read
+        dice = self.dice_loss(logits, F.one_hot(label, logits.shape[1]).movedim(-1, 1).float(), mask)
+        ce = (F.cross_entropy(logits, label, reduction="none") * mask[:, 0]).sum() / mask.sum()
         return self.hparams.lambda_dice * dice + self.hparams.lambda_ce * ce
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -254,7 +254,7 @@ class SegFinetune(_Finetune):
         k = logits.shape[1]
         keep = annotated.float()
         pred = F.one_hot(logits.argmax(1), k).movedim(-1, 1).float() * keep
-        target = F.one_hot(label[:, 0].clamp(min=0), k).movedim(-1, 1).float() * keep
+        target = F.one_hot(torch.where(annotated, label, 0)[:, 0], k).movedim(-1, 1).float() * keep
         self.dice_metric(pred, target)
         full = annotated.flatten(1).all(1)
         for i in full.nonzero()[:, 0].tolist():  # per sample: the metrics take one spacing per call

@@ -53,6 +53,9 @@ def test_unannotated_voxels_are_ignored_by_the_loss(mni):
     loss = task.loss(logits, batch["label"].long(), batch["annotated"])
     same = task.loss(logits, _seg_batch(image, scrambled, annotated, box)["label"].long(), batch["annotated"])
     torch.testing.assert_close(loss, same, atol=0, rtol=0)
+    unknown = labels.copy()
+    unknown[~annotated] = 255  # an "unlabelled" value beyond the classes, outside the mask
+    torch.testing.assert_close(loss, task.loss(logits, _seg_batch(image, unknown, annotated, box)["label"].long(), batch["annotated"]), atol=0, rtol=0)
     everything = task.loss(logits, batch["label"].long(), torch.ones_like(batch["annotated"]))
     assert not torch.isclose(loss, everything)  # the mask is what makes them equal
     flipped = labels.copy()
