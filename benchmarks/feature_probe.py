@@ -162,16 +162,17 @@ def main(argv: list[str] | None = None) -> dict:
     step = 16 // args.shifts
     if not args.weights and "pretrained" in args.arms:
         args.arms.remove("pretrained")
-    runs, seconds = [], {}
+    runs, seconds, cpu_seconds = [], {}, {}
     for arm in args.arms:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if arm == "ceiling":  # one feature map per target
             for target in ("gm", "ventricles"):
                 runs += run_probe({arm: target_features(target, step)}, volumes, settings, targets=(target,))
         else:
             runs += run_probe({arm: arms[arm]()}, volumes, settings)
         seconds[arm] = round(time.perf_counter() - start, 1)
-        print(f"{arm}: {seconds[arm]} s", flush=True)
+        cpu_seconds[arm] = round(time.process_time() - cpu_start, 1)
+        print(f"{arm}: {seconds[arm]} s wall, {cpu_seconds[arm]} s CPU", flush=True)
     result = {
         "runs": runs,
         "summary": summary(runs),
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ks": list(settings.ks),
             "seeds": list(settings.seeds),
             "seconds_per_arm": seconds,
+            "cpu_seconds_per_arm": cpu_seconds,  # all threads; on a shared machine wall time overstates the cost
             "threads": args.threads,
         },
     }
