@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import zarr
 
+from spadkit.data.chunkfile import LocalChunkReader
 from spadkit.errors import CorruptFileError, SpadkitError
 
 ChunkKey = tuple[str, tuple[int, ...]]
@@ -86,14 +87,18 @@ class CachedArray:
     Args:
         array: the Zarr array (any number of dimensions).
         cache: the shared cache.
+        chunk_reader: decodes whole chunks without Zarr's pipeline (local stores,
+            :class:`~spadkit.data.chunkfile.LocalChunkReader`); ``None`` reads through Zarr.
 
     A chunk file missing from a store whose writer stored every chunk is reported by
     the store itself (:class:`spadkit.io.zarrstore.CheckedStore` raises
-    :class:`~spadkit.errors.StoreError` from any read); reads here pass that error on.
+    :class:`~spadkit.errors.StoreError` from any read) or by the chunk reader; reads
+    here pass that error on.
     """
 
-    def __init__(self, array: zarr.Array, cache: ChunkCache):
+    def __init__(self, array: zarr.Array, cache: ChunkCache, *, chunk_reader: LocalChunkReader | None = None):
         self.array = array
+        self.chunk_reader = chunk_reader
         self.cache = cache
         self.name = f"{array.store_path}"
         self.chunks = tuple(int(c) for c in array.chunks)
@@ -106,23 +111,43 @@ class CachedArray:
         """
         ranges = [range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0) for s, c in zip(box, self.chunks)]
         indices = list(itertools.product(*ranges))
-        if self.cache.max_bytes == 0:  # no cache: read exactly the window, as a plain Zarr slice would
+        if self.cache.max_bytes == 0 and self.chunk_reader is None:  # no cache: exactly the window, as a Zarr slice
             out[...] = self._decode(tuple(box), indices)
+            return
+        if self.cache.max_bytes == 0:  # decode the chunks one by one into one scratch buffer
+            scratch = np.empty(self.chunks, self.chunk_reader.dtype)
+            for idx in indices:
+                self._copy(idx, self.chunk_reader.read(idx, out=scratch), box, out)
             return
         chunks = {idx: self.cache.get((self.name, idx)) for idx in indices}
         missing = [idx for idx, chunk in chunks.items() if chunk is None]
         if missing:
             chunks.update(self._fetch(missing))
         for idx, chunk in chunks.items():
-            source, target = [], []
-            for i, s, c in zip(idx, box, self.chunks):
-                lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
-                source.append(slice(lo - i * c, hi - i * c))
-                target.append(slice(lo - s.start, hi - s.start))
-            out[tuple(target)] = chunk[tuple(source)]
+            self._copy(idx, chunk, box, out)
+
+    def _copy(self, idx: tuple[int, ...], chunk: np.ndarray, box: Sequence[slice], out: np.ndarray) -> None:
+        """Copy the part of chunk ``idx`` inside ``box`` into ``out``."""
+        source, target = [], []
+        for i, s, c in zip(idx, box, self.chunks):
+            lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
+            source.append(slice(lo - i * c, hi - i * c))
+            target.append(slice(lo - s.start, hi - s.start))
+        out[tuple(target)] = chunk[tuple(source)]
 
     def _fetch(self, indices: list[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
-        """Read the chunk-aligned box around ``indices`` in one Zarr call and cache its chunks."""
+        """Read the chunks ``indices`` (one by one with the chunk reader, else the chunk-aligned box
+        around them in one Zarr call) and cache them."""
+        if self.chunk_reader is not None:
+            fetched = {}
+            for idx in indices:
+                chunk = self.chunk_reader.read(idx)
+                valid = tuple(slice(0, min(c, n - i * c)) for i, c, n in zip(idx, self.chunks, self.shape))
+                if any(v.stop < c for v, c in zip(valid, self.chunks)):
+                    chunk = chunk[valid].copy()  # an edge chunk is stored full-size: keep only its voxels
+                self.cache.put((self.name, idx), chunk)
+                fetched[idx] = chunk
+            return fetched
         lo = [min(idx[d] for idx in indices) for d in range(len(self.shape))]
         hi = [max(idx[d] for idx in indices) + 1 for d in range(len(self.shape))]
         box = tuple(slice(a * c, min(b * c, n)) for a, b, c, n in zip(lo, hi, self.chunks, self.shape))

@@ -26,6 +26,7 @@ import numpy as np
 import zarr
 
 from spadkit.data.cache import CachedArray, ChunkCache
+from spadkit.data.chunkfile import LocalChunkReader
 from spadkit.data.patches import window_slices
 from spadkit.data.sources import CaseInfo
 from spadkit.errors import StoreError
@@ -44,11 +45,11 @@ class CaseReader:
     def __init__(self, case: CaseInfo, store: OMEZarrStore, cache: ChunkCache, intensity: Intensity = "percentile"):
         self.case = case
         image = _open(lambda: store.read_image(case.case_id, case.level), case, "image")
-        self.image = CachedArray(image, cache)
+        self.image = CachedArray(image, cache, chunk_reader=LocalChunkReader.open(image, case.store, strict=case.all_chunks_written))
         self.label = None
         if case.label is not None:
             label = _open(lambda: store.read_label(case.case_id, case.label, level=case.level), case, f"label {case.label!r}")
-            self.label = CachedArray(label, cache)
+            self.label = CachedArray(label, cache, chunk_reader=LocalChunkReader.open(label, case.store, strict=case.all_chunks_written))
         self.offset, self.scale, self.clip = intensity_transform(case, intensity)
         self.pad_value = np.asarray([s.get("min", 0.0) for s in case.intensity] or [0.0] * case.shape[0], dtype=np.float32)
         self._locations: dict[int, np.ndarray] | None = None

@@ -10,6 +10,8 @@ import zarr
 
 from spadkit.data import ChunkCache, DatasetSource
 from spadkit.data.cache import CachedArray
+from spadkit.data.chunkfile import LocalChunkReader
+from spadkit.errors import CorruptFileError, StoreError
 from spadkit.io import OMEZarrStore
 from tests.data.conftest import StoreFixture, encoded, expected_window, make_stream, write
 
@@ -131,3 +133,53 @@ def test_label_locations_survive_a_closed_reader(mixed_store):
     pool.get(cases[1])  # closes the first reader
     reopened = pool.get(cases[0])
     assert reopened._locations is first  # restored, no rescan
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32"])
+@pytest.mark.parametrize("cache_bytes", [1 << 20, 0])
+def test_the_local_chunk_reader_reads_what_zarr_reads(tmp_path, rng, dtype, cache_bytes):
+    """Whole chunks decoded with numcodecs, edge chunks included, equal Zarr's own reads."""
+    data = (rng.random((2, 37, 29, 41)) * 200).astype(dtype)
+    url = str(tmp_path / "a.zarr")
+    array = zarr.create_array(url, shape=data.shape, chunks=(1, 8, 16, 7), dtype=dtype, compressors=zarr.codecs.BloscCodec(cname="lz4"))
+    array[...] = data
+    reader = LocalChunkReader.open(array, url, strict=True)
+    assert reader is not None
+    cached = CachedArray(array, ChunkCache(cache_bytes), chunk_reader=reader)
+    for _ in range(30):
+        lo = [int(rng.integers(0, n)) for n in data.shape]
+        hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, data.shape)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        out = np.empty([b - a for a, b in zip(lo, hi)], dtype=np.float64)
+        cached.read(box, out)
+        np.testing.assert_array_equal(out, data[box])
+
+
+def test_the_local_chunk_reader_leaves_other_layouts_to_zarr(tmp_path):
+    sharded = zarr.create_array(str(tmp_path / "s.zarr"), shape=(8, 8), chunks=(2, 2), shards=(4, 4), dtype="int16")
+    plain = zarr.create_array(str(tmp_path / "p.zarr"), shape=(8, 8), chunks=(2, 2), dtype="int16", compressors=zarr.codecs.ZstdCodec())
+    assert LocalChunkReader.open(sharded, str(tmp_path / "s.zarr"), strict=True) is None  # sharded
+    assert LocalChunkReader.open(plain, str(tmp_path / "p.zarr"), strict=True) is None  # zstd, not blosc
+    blosc = zarr.create_array(str(tmp_path / "b.zarr"), shape=(8, 8), chunks=(2, 2), dtype="int16", compressors=zarr.codecs.BloscCodec())
+    assert LocalChunkReader.open(blosc, str(tmp_path / "b.zarr"), strict=True) is not None
+    assert LocalChunkReader.open(blosc, "s3://bucket", strict=True) is None  # not a local store
+
+
+def test_the_local_chunk_reader_reports_damage_like_the_store(tmp_path):
+    url = str(tmp_path / "a.zarr")
+    array = zarr.create_array(url, shape=(32, 32), chunks=(16, 16), dtype="int16", compressors=zarr.codecs.BloscCodec(cname="lz4"))
+    array[...] = np.arange(32 * 32, dtype=np.int16).reshape(32, 32) + 1
+    strict = LocalChunkReader.open(array, url, strict=True)
+    loose = LocalChunkReader.open(array, url, strict=False)
+    chunk = tmp_path / "a.zarr" / "c" / "1" / "0"
+    raw = chunk.read_bytes()
+    chunk.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptFileError, match="c/1/0 is truncated"):
+        strict.read((1, 0))
+    chunk.write_bytes(b"\x07" * len(raw))
+    with pytest.raises(CorruptFileError, match="cannot decode"):
+        strict.read((1, 0))
+    chunk.unlink()
+    with pytest.raises(StoreError, match="chunk file c/1/0 is missing"):
+        strict.read((1, 0))
+    assert np.all(loose.read((1, 0)) == 0)  # a store that skipped empty chunks: the fill value
