@@ -23,7 +23,9 @@ from spadkit.models import (
     save_pretrained,
     token_grid,
 )
+from spadkit.models.classifier import SpadClassifier
 from spadkit.models.registry import CFG_FILE, WEIGHTS_FILE
+from spadkit.models.unetr import SpadUNETR
 
 # the three spacing kinds, on one set of weights: (shape (Z, Y, X), spacing (Z, Y, X) mm)
 VIT_INPUTS = {"iso": ((32, 32, 32), (1.0, 1.0, 1.0)), "aniso": ((8, 32, 32), (3.0, 0.75, 0.75)), "2d": ((1, 32, 32), (1.0, 1.0, 1.0))}
@@ -65,8 +67,8 @@ def test_unknown_model_lists_names():
 def test_forward_backward_all_spacing_kinds(name):
     model = _model(name).train()
     assert model.pretrained_cfg.architecture == name
-    inputs = VIT_INPUTS if isinstance(model, SpadViT) else VT_INPUTS
-    assert isinstance(model, (SpadViT, SpadVT)), f"add {type(model).__name__} to the contract test"
+    inputs = VT_INPUTS if isinstance(model, SpadVT) else VIT_INPUTS
+    assert isinstance(model, (SpadViT, SpadVT, SpadClassifier, SpadUNETR)), f"add {type(model).__name__} to the contract test"
     first_weight = next(model.parameters())
     for shape, spacing in inputs.values():
         model.zero_grad(set_to_none=True)
@@ -77,6 +79,10 @@ def test_forward_backward_all_spacing_kinds(name):
             out = model.forward_features(x, torch.tensor([spacing] * 2))
             assert out.shape == (2, 1 + grid[0] * grid[1] * grid[2], model.embed_dim)
             assert model(x, spacing).shape == (2, model.num_features)
+            loss = out.square().mean()
+        elif isinstance(model, (SpadClassifier, SpadUNETR)):  # task models: logits per image / per voxel
+            out = model(x, torch.tensor([spacing] * 2))
+            assert out.shape == ((2, model.num_classes) if isinstance(model, SpadClassifier) else (2, model.num_classes, *shape))
             loss = out.square().mean()
         else:
             recon, logits = model(x, torch.tensor([spacing] * 2))
