@@ -124,7 +124,7 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
     "depth": (1, 128),
     "num_heads": (1, 128),
     "num_codes": (2, 1 << 20),
-    "num_classes": (1, 1 << 16),
+    "num_classes": (0, 1 << 16),  # 0: a classifier returning pooled features
     "channels": (1, 8192),
 }
 _CFG_RANGES = {"in_chans": SIZE_LIMITS["in_chans"], "patch_size": (1, 1024)}
