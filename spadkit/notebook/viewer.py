@@ -67,6 +67,19 @@ def _in_memory_if_small(volume: Volume, max_memory_mb: float) -> Volume:
     return volume.load() if volume.is_lazy and nbytes <= max_memory_mb * 2**20 else volume
 
 
+def _sample_window(volume: Volume, channel: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Auto window ``(lo, hi)`` (:data:`AUTO_WINDOW_PERCENTILES`) and ``(min, max)`` of a channel's three middle slices."""
+    z, y, x = (s // 2 for s in volume.spatial_shape)
+    planes = [_read(volume.array, (channel, z)), _read(volume.array, (channel, slice(None), y)), _read(volume.array, (channel, slice(None), slice(None), x))]
+    values = np.concatenate([p.ravel() for p in planes]).astype(np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        values = np.zeros(1)
+    lo, hi = (float(v) for v in np.percentile(values, AUTO_WINDOW_PERCENTILES))
+    vmin, vmax = float(values.min()), float(values.max())
+    return (lo, hi if hi > lo else lo + 1.0), (vmin, vmax if vmax > vmin else vmin + 1.0)
+
+
 class SliceViewer:
     """Browse a volume slice by slice with window/level and a label overlay.
 
@@ -133,13 +146,16 @@ class SliceViewer:
         self.overlay: Any = None  # AxesImage of the RGBA label overlay (None without a label)
         self._hold = False
 
-        lo, hi = self._auto_window()
-        span = float(self._value_range[1] - self._value_range[0]) or 1.0
+        #: per channel: (lo, hi) auto window and (min, max) of the sampled voxels
+        self._windows = [_sample_window(self.volume, c) for c in range(self.volume.num_channels)]
+        (lo, hi), _ = self._windows[0]
+        vmin, vmax = min(w[1][0] for w in self._windows), max(w[1][1] for w in self._windows)
+        span = vmax - vmin
         step = span / 500
         self.axis_buttons = widgets.ToggleButtons(options=list(views), value=axis, description="view")
         self.slice_slider = widgets.IntSlider(description="slice", min=0, max=1, continuous_update=False)
         self.channel_slider = widgets.IntSlider(description="channel", min=0, max=self.volume.num_channels - 1, value=0, continuous_update=False) if self.volume.num_channels > 1 else None
-        self.level_slider = widgets.FloatSlider(description="level", min=self._value_range[0], max=self._value_range[1], step=step, value=(lo + hi) / 2, continuous_update=False)
+        self.level_slider = widgets.FloatSlider(description="level", min=vmin, max=vmax, step=step, value=(lo + hi) / 2, continuous_update=False)
         self.window_slider = widgets.FloatSlider(description="window", min=step, max=span, step=step, value=max(hi - lo, step), continuous_update=False)
         self.auto_button = widgets.Button(description="auto window", tooltip=f"window the {AUTO_WINDOW_PERCENTILES[0]:g}-{AUTO_WINDOW_PERCENTILES[1]:g} percentiles")
         self.opacity_slider = widgets.FloatSlider(description="label", min=0.0, max=1.0, step=0.05, value=opacity, disabled=self.label is None, continuous_update=False)
@@ -147,9 +163,10 @@ class SliceViewer:
         self._set_slice_range()
 
         self.axis_buttons.observe(self._on_axis, names="value")
-        for control in (self.slice_slider, self.channel_slider, self.level_slider, self.window_slider, self.opacity_slider):
-            if control is not None:
-                control.observe(self._on_change, names="value")
+        for control in (self.slice_slider, self.level_slider, self.window_slider, self.opacity_slider):
+            control.observe(self._on_change, names="value")
+        if self.channel_slider is not None:
+            self.channel_slider.observe(self._on_auto, names="value")  # each channel opens with its own auto window
         self.auto_button.on_click(self._on_auto)
         controls = [self.axis_buttons, self.slice_slider, *([self.channel_slider] if self.channel_slider else [])]
         controls += [widgets.HBox([self.level_slider, self.window_slider, self.auto_button]), self.opacity_slider]
@@ -302,25 +319,8 @@ class SliceViewer:
         if not self._hold:
             self.render()
 
-    def _on_auto(self, button: Any = None) -> None:
-        lo, hi = self._auto_window()
+    def _on_auto(self, event: Any = None) -> None:
+        (lo, hi), _ = self._windows[self.channel]
         with self._held():
             self.window_slider.value = max(hi - lo, self.window_slider.min)
             self.level_slider.value = (lo + hi) / 2
-
-    def _auto_window(self) -> tuple[float, float]:
-        """1-99 percentiles of the three middle slices of the current channel; also sets the value range."""
-        channel = self.channel_slider.value if getattr(self, "channel_slider", None) else 0
-        middle = [s // 2 for s in self.volume.spatial_shape]
-        samples = [
-            _read(self.volume.array, (channel, middle[0])),
-            _read(self.volume.array, (channel, slice(None), middle[1])),
-            _read(self.volume.array, (channel, slice(None), slice(None), middle[2])),
-        ]
-        values = np.concatenate([s.ravel() for s in samples]).astype(np.float64)
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            values = np.zeros(1)
-        self._value_range = (float(values.min()), float(values.max()) if values.max() > values.min() else float(values.min()) + 1.0)
-        lo, hi = np.percentile(values, AUTO_WINDOW_PERCENTILES)
-        return float(lo), float(hi) if hi > lo else float(lo) + 1.0

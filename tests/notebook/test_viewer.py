@@ -156,7 +156,9 @@ def test_channels_have_a_slider():
     data = np.stack([marked_volume().numpy()[0], -marked_volume().numpy()[0]])
     volume = Volume.from_spacing(da.from_array(data, chunks=(1, 2, 8, 10)), (3.0, 1.0, 1.0))
     viewer = SliceViewer(volume)
+    first = viewer.display_range
     viewer.channel_slider.value = 1
+    assert viewer.display_range == pytest.approx((-first[1], -first[0]))  # its own auto window
     np.testing.assert_array_equal(viewer.plane(), -data[0, SHAPE[0] // 2, ::-1, ::-1])
 
 
