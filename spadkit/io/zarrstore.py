@@ -90,14 +90,9 @@ class CheckedStore(WrapperStore):
         where = f"{self.url.rstrip('/')}/{array}"
         if value is None:
             raise StoreError(f"chunk file c/{chunk} is missing", path=where, fix=LOST_CHUNK_FIX)
-        if self.check_frames:
-            size = _blosc_frame_size(value.as_numpy_array())
-            if size != len(value):
-                raise CorruptFileError(
-                    f"chunk file c/{chunk} is truncated or damaged (its Blosc header gives {size} bytes, the file holds {len(value)})",
-                    path=where,
-                    fix=LOST_CHUNK_FIX,
-                )
+        problem = blosc_frame_problem(value.as_numpy_array()) if self.check_frames else None
+        if problem:
+            raise CorruptFileError(f"chunk file c/{chunk} is truncated or damaged ({problem})", path=where, fix=LOST_CHUNK_FIX)
         return value
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
@@ -126,15 +121,18 @@ class CheckedStore(WrapperStore):
         return [None if value is None else value.to_bytes() for value in run_sync(fetch())]
 
 
-def _blosc_frame_size(data: np.ndarray) -> int | None:
-    """Total size that a Blosc 1 frame's header declares (bytes 12-15), or None if ``data`` is no such frame.
+def blosc_frame_problem(data: bytes | np.ndarray) -> str | None:
+    """Why ``data`` is not one whole Blosc 1 frame, or None if its header matches its size.
 
     Checked before decoding because the Blosc decoder trusts the header: a truncated
-    frame makes it read past the buffer (a crash, not an exception).
+    frame makes it read past the buffer (a crash, not an exception). Bytes 12-15
+    of the header hold the frame's total size; byte 0 its format version (2).
     """
-    if data.size < 16 or data[0] != 2:
-        return None
-    return int(np.frombuffer(data[12:16].tobytes(), dtype="<u4")[0])
+    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray | memoryview) else data.view(np.uint8).reshape(-1)
+    if raw.size < 16 or raw[0] != 2:
+        return f"it is no Blosc frame ({raw.size} bytes)"
+    declared = int(raw[12:16].view("<u4")[0])
+    return None if declared == raw.size else f"its Blosc header gives {declared} bytes, the file holds {raw.size}"
 
 
 def _replace_file(path: Path, data: bytes) -> None:
