@@ -191,6 +191,8 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **kwarg
             fix=f"use smaller size arguments, or raise the limit with {MAX_PARAMS_ENV}=N.",
         )
     model = _REGISTRY[name](**kwargs)
+    if torch.get_default_device().type == "meta":  # a size-check skeleton (an outer create_model): no weights to read
+        return model
     if pretrained is not None:
         state, cfg = load_pretrained(pretrained)
         if cfg.architecture != name:
