@@ -89,6 +89,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _large
 import numpy as np
 import psutil
 from _machine import package_version
@@ -528,6 +529,8 @@ def run_one(name: str, data: Dataset, workers: int, seconds: float) -> dict[str,
             epochs = monai_epochs(data, workers)
         elif name == "numpy_ram":
             epochs = numpy_epochs(data)
+        elif name in _large.LOADERS:
+            epochs = _large.epochs(name, data.store.parent, workers, PATCH_EDGE, BATCH_SIZE, SAMPLES_PER_VOLUME, PERCENTILES, SEED)
         else:
             raise ValueError(f"unknown loader {name!r}; choose from {LOADERS}")
         build_s = time.perf_counter() - build_start
@@ -754,9 +757,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="rounds over all loaders; each loader reports its run with the least interference",
     )
-    parser.add_argument("--only", nargs="+", choices=LOADERS, help="run only these loaders")
+    parser.add_argument("--only", nargs="+", choices=LOADERS + _large.LOADERS, help="run only these loaders")
+    parser.add_argument(
+        "--regime",
+        choices=("small", "large"),
+        default="small",
+        help="small: MNI152 copies, data < cache; large: CT-size volumes several times the cache (benchmarks/_large.py)",
+    )
+    parser.add_argument("--large-cases", type=int, default=12, help="volumes of the large regime (12: ~1.9 GB decoded)")
     # internal: measure one loader in this process and print its result line
-    parser.add_argument("--run-one", choices=LOADERS, help=argparse.SUPPRESS)
+    parser.add_argument("--run-one", choices=LOADERS + _large.LOADERS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -786,6 +796,19 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return entry
 
 
+def run_rounds(chosen: Sequence[str], names: dict[str, str], args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """``args.repeats`` interleaved rounds over the loaders ``chosen``, each in its own process."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
+    for round_index in range(args.repeats):
+        for name in runs:
+            waited = wait_until_quiet(args.max_wait) if args.max_wait > 0 else 0.0
+            print(f"[{round_index + 1}/{args.repeats}] {names[name]:40s} ...", end=" ", flush=True)
+            run = {"waited_for_quiet_s": round(waited, 1), **run_child(name, args)}
+            runs[name].append(run)
+            print(describe_run(run), flush=True)
+    return runs
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Build the data, measure every loader in its own process, write the JSON and PNG."""
     args = parse_args(argv)
@@ -794,19 +817,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = run_one(args.run_one, dataset_paths(args.work), args.workers, args.seconds)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         os._exit(0)  # skip interpreter teardown: lingering loader workers must not hang the exit
+    if args.regime == "large":
+        main_large(args)
+        return
 
     data = build_dataset(args.work)
     names = labels(args.workers)
-    runs: dict[str, list[dict[str, Any]]] = {
-        name: [] for name in LOADERS if name in (args.only or LOADERS)
-    }
-    for round_index in range(args.repeats):
-        for name in runs:
-            waited = wait_until_quiet(args.max_wait) if args.max_wait > 0 else 0.0
-            print(f"[{round_index + 1}/{args.repeats}] {names[name]:40s} ...", end=" ", flush=True)
-            run = {"waited_for_quiet_s": round(waited, 1), **run_child(name, args)}
-            runs[name].append(run)
-            print(describe_run(run), flush=True)
+    runs = run_rounds([name for name in LOADERS if name in (args.only or LOADERS)], names, args)
     loaders = {name: {"label": names[name], **summarise(found)} for name, found in runs.items()}
     if args.repeats > 1:
         for name, found in runs.items():
@@ -834,6 +851,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     plot(loaders, names, title, args.out.with_suffix(".png"))
     print(json.dumps(summary))
+
+
+def main_large(args: argparse.Namespace) -> None:
+    """The large regime (benchmarks/_large.py): every loader in its own process, JSON with the
+    ratios to the memory-mapped baseline."""
+    files, _ = _large.build(args.work, args.large_cases)
+    chosen = [name for name in _large.LOADERS if name in (args.only or _large.LOADERS)]
+    runs = run_rounds(chosen, {name: name for name in chosen}, args)
+    loaders = {name: {**summarise(found), "runs": found} for name, found in runs.items()}
+    base = loaders.get("large_mmap", {}).get("patches_per_s")
+    for entry in loaders.values():
+        if base and entry.get("patches_per_s"):
+            entry["ratio_to_mmap"] = round(entry["patches_per_s"] / base, 2)
+    report = {
+        "loaders": loaders,
+        "settings": {
+            "regime": "large",
+            "cases": len(files),
+            "shape_zyx": _large.SHAPE_ZYX,
+            "spacing_zyx_mm": _large.SPACING_ZYX,
+            "decoded_gb": round(len(files) * np.prod(_large.SHAPE_ZYX) * 2 / 1e9, 2),
+            "patch": [PATCH_EDGE] * 3,
+            "batch": BATCH_SIZE,
+            "samples_per_volume": SAMPLES_PER_VOLUME,
+            "workers": args.workers,
+            "seconds": args.seconds,
+            "repeats": args.repeats,
+            "cpu_count": os.cpu_count(),
+            "git": git_commit(),
+            "spadkit_sources": spadkit_digest(),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=int) + "\n")
+    print(json.dumps({name: entry.get("patches_per_s") for name, entry in loaders.items()}))
 
 
 if __name__ == "__main__":

@@ -109,22 +109,30 @@ class CachedArray:
 
         ``box`` holds one in-bounds slice with step 1 per dimension.
         """
-        ranges = [range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0) for s, c in zip(box, self.chunks)]
-        indices = list(itertools.product(*ranges))
-        if self.cache.max_bytes == 0 and self.chunk_reader is None:  # no cache: exactly the window, as a Zarr slice
-            out[...] = self._decode(tuple(box), indices)
+        if self.cache.max_bytes == 0:
+            self.read_uncached(box, out)
             return
-        if self.cache.max_bytes == 0:  # decode the chunks one by one into one scratch buffer
-            scratch = np.empty(self.chunks, self.chunk_reader.dtype)
-            for idx in indices:
-                self._copy(idx, self.chunk_reader.read(idx, out=scratch), box, out)
-            return
+        indices = self._indices(box)
         chunks = {idx: self.cache.get((self.name, idx)) for idx in indices}
         missing = [idx for idx, chunk in chunks.items() if chunk is None]
         if missing:
             chunks.update(self._fetch(missing))
         for idx, chunk in chunks.items():
             self._copy(idx, chunk, box, out)
+
+    def read_uncached(self, box: Sequence[slice], out: np.ndarray) -> None:
+        """:meth:`read` without using or filling the cache (a scan of the whole array)."""
+        indices = self._indices(box)
+        if self.chunk_reader is None:  # exactly the window, as a Zarr slice
+            out[...] = self._decode(tuple(box), indices)
+            return
+        scratch = np.empty(self.chunks, self.chunk_reader.dtype)  # decode the chunks one by one into it
+        for idx in indices:
+            self._copy(idx, self.chunk_reader.read(idx, out=scratch), box, out)
+
+    def _indices(self, box: Sequence[slice]) -> list[tuple[int, ...]]:
+        ranges = [range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0) for s, c in zip(box, self.chunks)]
+        return list(itertools.product(*ranges))
 
     def _copy(self, idx: tuple[int, ...], chunk: np.ndarray, box: Sequence[slice], out: np.ndarray) -> None:
         """Copy the part of chunk ``idx`` inside ``box`` into ``out``."""

@@ -91,12 +91,13 @@ class CaseReader:
             return self._locations
 
     def _find_locations(self) -> dict[int, np.ndarray]:
-        labels = self.label.array
+        labels = self.label
         rng = np.random.default_rng(0)
         kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # class -> (coords, random keys)
-        step = int(labels.chunks[1])
-        for z0 in range(0, int(labels.shape[1]), step):
-            slab = np.asarray(labels[0, z0 : z0 + step])
+        step, (depth, height, width) = labels.chunks[1], labels.shape[1:]
+        for z0 in range(0, depth, step):
+            slab = np.empty((min(step, depth - z0), height, width), dtype=labels.array.dtype)
+            labels.read_uncached((slice(0, 1), slice(z0, z0 + len(slab)), slice(0, height), slice(0, width)), slab[None])
             coords = np.argwhere(slab != 0)
             if not len(coords):
                 continue

@@ -51,14 +51,18 @@ def test_cached_array_reads_any_box_exactly(tmp_path, rng):
     array = zarr.create_array(str(tmp_path / "a.zarr"), shape=data.shape, chunks=(1, 8, 16, 7), dtype="int64")
     array[...] = data
     cached = CachedArray(array, ChunkCache(1 << 20))
-    for _ in range(40):
+    _reads_random_boxes_exactly(cached, data, rng, 40)
+    assert cached.cache.hits > 0
+
+
+def _reads_random_boxes_exactly(cached: CachedArray, data: np.ndarray, rng, count: int) -> None:
+    for _ in range(count):
         lo = [int(rng.integers(0, n)) for n in data.shape]
         hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, data.shape)]
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
         out = np.empty([b - a for a, b in zip(lo, hi)], dtype=np.float64)
         cached.read(box, out)
         np.testing.assert_array_equal(out, data[box])
-    assert cached.cache.hits > 0
 
 
 def _overlapped_chunks(start, size, shape, chunks):
@@ -145,14 +149,7 @@ def test_the_local_chunk_reader_reads_what_zarr_reads(tmp_path, rng, dtype, cach
     array[...] = data
     reader = LocalChunkReader.open(array, url, strict=True)
     assert reader is not None
-    cached = CachedArray(array, ChunkCache(cache_bytes), chunk_reader=reader)
-    for _ in range(30):
-        lo = [int(rng.integers(0, n)) for n in data.shape]
-        hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, data.shape)]
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        out = np.empty([b - a for a, b in zip(lo, hi)], dtype=np.float64)
-        cached.read(box, out)
-        np.testing.assert_array_equal(out, data[box])
+    _reads_random_boxes_exactly(CachedArray(array, ChunkCache(cache_bytes), chunk_reader=reader), data, rng, 30)
 
 
 def test_the_local_chunk_reader_leaves_other_layouts_to_zarr(tmp_path):
