@@ -4,7 +4,7 @@ Starts ``jupyter lab --no-browser`` on a free port with a token, in a temporary
 folder holding a copy of the notebook (so autosave never touches the repo),
 drives headless Chromium (Debian ``chromium`` + ``chromium-driver``) with
 selenium through *Run > Run All Cells*, waits for every cell and the viewer,
-and saves screenshots to ``build/artefacts/notebook_browser/`` (ignored by git).
+and saves screenshots to ``tests/artifacts/notebook_browser/`` (ignored by git).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "01_load_and_look.ipynb"
-ARTEFACTS = ROOT / "build" / "artefacts" / "notebook_browser"
+ARTEFACTS = ROOT / "tests" / "artifacts" / "notebook_browser"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 CHROMIUM_FLAGS = (
     "--headless",
