@@ -32,7 +32,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,9 +56,10 @@ class Prediction:
     Attributes:
         probs: ``(K, z, y, x)`` float32 class probabilities.
         labels: ``(z, y, x)`` uint8/int32 argmax.
-        uncertainty: ``(z, y, x)`` float32 predictive entropy in nats.
+        uncertainty: ``(z, y, x)`` float32: predictive entropy in nats, or the flip variance.
         region: the box predicted, as slices of the full ``(Z, Y, X)`` grid.
         windows: how many windows were run (per flip).
+        uncertainty_kind: ``"entropy"`` or ``"flip_variance"``.
     """
 
     probs: Any
@@ -66,6 +67,7 @@ class Prediction:
     uncertainty: Any
     region: tuple[slice, slice, slice]
     windows: int
+    uncertainty_kind: str = "entropy"
 
 
 def default_window(shape: Sequence[int], spacing: Sequence[float], tokens: Sequence[int] = WINDOW_TOKENS) -> tuple[int, int, int]:
@@ -129,14 +131,18 @@ def _to_probs(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=1)
 
 
-def _flip_averaged(model: Callable[..., torch.Tensor], batch: torch.Tensor, spacing: torch.Tensor, flip_sets: Sequence[tuple[int, ...]]) -> torch.Tensor:
-    """Mean probabilities ``(B, K, z, y, x)`` over the flips (each prediction flipped back)."""
-    total = None
+def _flip_averaged(model: Callable[..., torch.Tensor], batch: torch.Tensor, spacing: torch.Tensor, flip_sets: Sequence[tuple[int, ...]], variance: bool) -> torch.Tensor:
+    """Mean probabilities ``(B, K, z, y, x)`` over the flips (each prediction flipped back); with ``variance``,
+    one more channel: the variance over the flips, averaged over classes."""
+    runs = []
     for axes in flip_sets:
         dims = [2 + a for a in axes]
-        probs = _to_probs(model(batch.flip(dims), spacing)).flip(dims) if dims else _to_probs(model(batch, spacing))
-        total = probs.float() if total is None else total + probs.float()
-    return total / len(flip_sets)
+        runs.append((_to_probs(model(batch.flip(dims), spacing)).flip(dims) if dims else _to_probs(model(batch, spacing))).float())
+    mean = sum(runs) / len(runs)
+    if not variance:
+        return mean
+    spread = sum((r - mean) ** 2 for r in runs) / len(runs)
+    return torch.cat([mean, spread.mean(dim=1, keepdim=True)], dim=1)
 
 
 def _check_model_input(model: nn.Module, channels: int) -> None:
@@ -157,6 +163,7 @@ def predict(
     window: Sequence[int] | None = None,
     overlap: float = 0.25,
     flips: bool | Iterable[Sequence[int]] = (),
+    uncertainty: Literal["entropy", "flip_variance"] = "entropy",
     region: Sequence[slice] | None = None,
     batch_size: int = 1,
     out: Mapping[str, Any] | None = None,
@@ -172,6 +179,9 @@ def predict(
         window: voxels ``(z, y, x)``, multiples of the patch (default :func:`default_window`).
         overlap: share of a window overlapping its neighbour, in ``[0, 1)``.
         flips: test-time flips, e.g. ``[(2,), (1,)]`` (axes 0=Z, 1=Y, 2=X), or ``True`` for all.
+        uncertainty: ``"entropy"`` (predictive entropy of the blended probabilities, nats) or
+            ``"flip_variance"`` (variance of the probabilities over the flips, averaged over
+            classes, blended like them; needs ``flips``).
         region: ``(z, y, x)`` slices to predict (default: everything).
         batch_size: windows per forward pass.
         out: arrays to write into (``probs`` ``(K, Z, Y, X)``, ``labels`` and ``uncertainty``
@@ -195,13 +205,16 @@ def predict(
         raise SpadkitError(f"window {window} is not a multiple of the patch {patch} at spacing {spacing}", fix=f"use window={rounded}.")
     box = _region(region, shape)
     flip_sets = _flip_sets(flips, shape[0])
+    if uncertainty not in ("entropy", "flip_variance") or (uncertainty == "flip_variance" and len(flip_sets) < 2):
+        raise SpadkitError(f"uncertainty={uncertainty!r} with flips={flips!r}", fix="use uncertainty='entropy', or 'flip_variance' with flips=True (or a list of flips).")
+    variance = uncertainty == "flip_variance"
     starts = [window_starts(n, w, overlap) for n, w in zip(shape, window)]
     touching = [[s for s in axis if s < b.stop and s + w > b.start] for axis, b, w in zip(starts, box, window)]
     weights = importance_map(window).to(device)
     if isinstance(model, nn.Module):
         model.eval()
     spacing_t = torch.tensor(spacing, dtype=torch.float32)
-    writer = _Writer(out, box)
+    writer = _Writer(out, box, variance)
     total = len(touching[0]) * len(touching[1]) * len(touching[2])
     done = 0
     for zi, z0 in enumerate(touching[0]):
@@ -209,7 +222,7 @@ def predict(
         for i in range(0, len(planes), batch_size):
             corners = planes[i : i + batch_size]
             batch = torch.stack([_read_window(array, [slice(c, c + w) for c, w in zip(corner, window)], window) for corner in corners]).to(device)
-            probs = _flip_averaged(model, batch, spacing_t, flip_sets) * weights
+            probs = _flip_averaged(model, batch, spacing_t, flip_sets, variance) * weights
             for corner, p in zip(corners, probs.cpu()):
                 writer.add(p, corner, weights.cpu())
             done += len(corners)
@@ -217,15 +230,16 @@ def predict(
                 progress(done, total)
         next_z = touching[0][zi + 1] if zi + 1 < len(touching[0]) else box[0].stop
         writer.flush(until=next_z)
-    return Prediction(*writer.outputs(), region=box, windows=total)
+    return Prediction(*writer.outputs(), region=box, windows=total, uncertainty_kind=uncertainty)
 
 
 class _Writer:
     """Accumulates weighted window probabilities over a band of Z rows of the region and writes out
     rows once no later window reaches them."""
 
-    def __init__(self, out: Mapping[str, Any] | None, box: tuple[slice, slice, slice]):
+    def __init__(self, out: Mapping[str, Any] | None, box: tuple[slice, slice, slice], variance: bool = False):
         self.box, self.out, self.offset = box, out, (0, 0, 0) if out is None else tuple(b.start for b in box)
+        self.variance = variance  # the last accumulated channel is the flip variance, not a class
         self.lo = box[0].start  # first row not yet written
         self.acc: torch.Tensor | None = None  # (K, rows, y, x) from row self.lo
         self.weight = torch.zeros(0, *(b.stop - b.start for b in box[1:]))
@@ -255,13 +269,17 @@ class _Writer:
         if count <= 0:
             return
         probs = (self.acc[:, :count] / self.weight[:count]).numpy()
-        self._write(probs, _argmax_classes(probs), -(probs * np.log(np.maximum(probs, 1e-12))).sum(0), self.lo)
+        if self.variance:
+            probs, spread = probs[:-1], probs[-1]
+        else:
+            spread = -(probs * np.log(np.maximum(probs, 1e-12))).sum(0)
+        self._write(probs, _argmax_classes(probs), spread, self.lo)
         self.acc, self.weight = self.acc[:, count:], self.weight[count:]
         self.lo += count
 
     def _write(self, probs: np.ndarray, labels: np.ndarray, entropy: np.ndarray, z: int) -> None:
         if self.out is None:
-            self.out = self._allocate(probs.shape[0], labels.dtype)
+            self.out = self._allocate(probs.shape[0])
         oz = z - self.box[0].start + self.offset[0]
         rows = slice(oz, oz + len(labels))
         ys, xs = (slice(o, o + b.stop - b.start) for b, o in zip(self.box[1:], self.offset[1:]))
@@ -269,7 +287,7 @@ class _Writer:
         self.out["labels"][rows, ys, xs] = labels
         self.out["uncertainty"][rows, ys, xs] = entropy
 
-    def _allocate(self, num_classes: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+    def _allocate(self, num_classes: int) -> dict[str, np.ndarray]:
         shape = tuple(b.stop - b.start for b in self.box)
         label_dtype = np.uint8 if num_classes <= 256 else np.int32
         return {"probs": np.zeros((num_classes, *shape), np.float32), "labels": np.zeros(shape, label_dtype), "uncertainty": np.zeros(shape, np.float32)}
@@ -301,7 +319,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def save_prediction(store: Any, case_id: str, prediction: Prediction, *, checkpoint: str | os.PathLike | None = None, model_name: str = "", author: str = "spadkit predict") -> dict[str, int]:
     """Write a full-grid prediction into an ``OMEZarrStore`` as label groups ``pred`` (the label map) and
-    ``uncertainty`` (entropy as a percentage of its maximum ``log K``, 0..100: NGFF labels are integers).
+    ``uncertainty`` (as a percentage of its maximum, 0..100, since NGFF labels are integers: entropy of
+    ``log K``, flip variance of 0.25, the largest variance of values in [0, 1]).
 
     Each becomes a new label version whose message records the provenance (model, checkpoint SHA-256);
     the store records the time and author. Returns ``{"pred": version, "uncertainty": version}``.
@@ -318,12 +337,13 @@ def save_prediction(store: Any, case_id: str, prediction: Prediction, *, checkpo
             f"the prediction covers {prediction.region}, not the whole grid {image.spatial_shape} of {case_id}",
             fix="predict the whole volume (region=None) before saving it as a label version.",
         )
-    provenance = {"model": model_name, "predicted": now_iso(), "windows": prediction.windows}
+    provenance = {"model": model_name, "predicted": now_iso(), "windows": prediction.windows, "uncertainty": prediction.uncertainty_kind}
     if checkpoint is not None:
         provenance.update(checkpoint=str(Path(checkpoint).name), checkpoint_sha256=file_sha256(checkpoint))
     message = "prediction " + json.dumps(provenance, sort_keys=True)
     num_classes = np.shape(prediction.probs)[0]
-    percent = np.rint(np.asarray(prediction.uncertainty) / math.log(max(num_classes, 2)) * 100).clip(0, 100).astype(np.uint8)
+    top = math.log(max(num_classes, 2)) if prediction.uncertainty_kind == "entropy" else 0.25
+    percent = np.rint(np.asarray(prediction.uncertainty) / top * 100).clip(0, 100).astype(np.uint8)
     versions = {}
     for name, data, classes in (("pred", np.asarray(prediction.labels), None), ("uncertainty", percent, {0: "certain", 100: "uniform"})):
         versions[name] = store.save_label(case_id, LabelVolume(data, image.affine, classes=classes), name, author=author, message=message)

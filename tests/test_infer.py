@@ -157,6 +157,20 @@ def test_flip_tta_averages_flipped_predictions(model, image):
     assert tta.uncertainty.min() >= 0 and tta.uncertainty.max() <= np.log(3) + 1e-6
 
 
+def test_flip_variance_uncertainty(model, image):
+    crop = image[:, :16, :32, :32]
+    flips = [(2,), (1,)]
+    out = predict(model, crop, ISO, window=(16, 32, 32), flips=flips, uncertainty="flip_variance")
+    with torch.no_grad():
+        x = torch.from_numpy(crop)[None]
+        runs = torch.stack([model(x, ISO).softmax(1), model(x.flip(4), ISO).flip(4).softmax(1), model(x.flip(3), ISO).flip(3).softmax(1)])[:, 0]
+    np.testing.assert_allclose(out.probs, runs.mean(0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(out.uncertainty, runs.var(0, unbiased=False).mean(0).numpy(), atol=1e-6)
+    assert out.uncertainty.max() > 0 and out.uncertainty_kind == "flip_variance"
+    with pytest.raises(SpadkitError, match="flips=True"):
+        predict(model, crop, ISO, uncertainty="flip_variance")
+
+
 def test_anisotropic_and_2d_inputs_keep_their_grid(model, image):
     thick = image[:, ::5]  # 5 slices of 5 mm at 1 mm in-plane: level 2, 4x16x16 patches
     out = predict(model, thick, (5.0, 1.0, 1.0), flips=True)
