@@ -143,3 +143,12 @@ def test_features_round_trip_through_a_weights_only_file(features, tmp_path):
     loaded = VoxelFeatures.from_state_dict(torch.load(tmp_path / "features.pt", weights_only=True))
     assert loaded.patch == features.patch and loaded.spacing == features.spacing
     assert torch.equal(loaded.region(), features.region())
+
+
+def test_features_from_a_zarr_array_equal_the_in_memory_ones(vit, mni, features, tmp_path):
+    import zarr
+
+    array = zarr.create_array(tmp_path / "img.zarr", shape=mni[0].shape, chunks=(1, 8, 56, 56), dtype="float32")
+    array[:] = mni[0]
+    lazy = extract_features(vit, array, (1.0, 1.0, 1.0), components=8)
+    assert torch.equal(lazy.tokens, features.tokens) and torch.equal(lazy.intensity, features.intensity)
