@@ -109,7 +109,7 @@ def mmap_epochs(files: list[Path], workers: int, patch: int, batch: int, samples
         rng = np.random.default_rng([seed, case, k])
         v = volumes[case]
         start = [int(rng.integers(0, n - patch + 1)) for n in v.shape]
-        lo, hi = bounds[case]
+        lo, hi = (np.float32(b) for b in bounds[case])
         window = np.asarray(v[tuple(slice(s, s + patch) for s in start)], dtype=np.float32)
         return np.clip((window - lo) / (hi - lo), 0, 1)[None]
 

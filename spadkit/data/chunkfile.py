@@ -20,6 +20,8 @@ header and would read past the buffer), an undecodable one is a
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numcodecs
@@ -50,6 +52,7 @@ class LocalChunkReader:
         self.fill_value = array.fill_value
         self._metadata = array.metadata
         self._blosc = any(isinstance(c, BloscCodec) for c in array.metadata.codecs)
+        self._local = threading.local()
 
     @classmethod
     def open(cls, array: zarr.Array, store_url: str, *, strict: bool) -> LocalChunkReader | None:
@@ -68,21 +71,38 @@ class LocalChunkReader:
 
     def read(self, index: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
         """The whole chunk ``index`` (chunk shape; edge chunks are stored full-size), decoded into
-        ``out`` (C-contiguous, chunk shape, :attr:`dtype`) when given."""
+        ``out`` (C-contiguous, chunk shape, :attr:`dtype`) or a new array.
+
+        The compressed bytes go into a buffer reused by the calling thread, so that only
+        decoded chunks are allocated: short-lived compressed buffers between long-lived cached
+        chunks fragmented the heap (RSS 1.8x the cache's bytes).
+        """
         key = self._metadata.encode_chunk_key(index)
+        chunk = np.empty(self.chunks, dtype=self.dtype) if out is None else out
         try:
-            raw = (self.folder / key).read_bytes()
+            raw = self._read_file(self.folder / key)
         except FileNotFoundError:
             if self.strict:
                 raise StoreError(f"chunk file {key} is missing", path=str(self.folder), fix=_LOST_FIX) from None
-            chunk = np.full(self.chunks, self.fill_value, dtype=self.dtype) if out is None else out
             chunk[...] = self.fill_value
             return chunk
-        return self._decode(raw, key, out)
+        self._decode(raw, key, chunk)
+        return chunk
 
-    def _decode(self, raw: bytes, key: str, out: np.ndarray | None) -> np.ndarray:
+    def _read_file(self, path: Path) -> memoryview:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            buffer = getattr(self._local, "buffer", None)
+            if buffer is None or len(buffer) < size:
+                buffer = self._local.buffer = bytearray(max(size, 1 << 18))
+            view = memoryview(buffer)[:size]
+            file.readinto(view)
+        return view
+
+    def _decode(self, raw: memoryview, key: str, out: np.ndarray) -> None:
         if self._blosc:
-            declared = int.from_bytes(raw[12:16], "little") if len(raw) >= 16 and raw[0] == 2 else None
+            header = bytes(raw[:16])
+            declared = int.from_bytes(header[12:16], "little") if len(raw) >= 16 and header[0] == 2 else None
             if len(raw) < 16 or (declared is not None and declared != len(raw)):  # shorter than a header: truncated
                 found = f"its Blosc header gives {declared} bytes" if declared is not None else "shorter than a Blosc header"
                 raise CorruptFileError(
@@ -91,14 +111,10 @@ class LocalChunkReader:
                     fix=_LOST_FIX,
                 )
         try:
-            if out is None:
-                data = numcodecs.Blosc().decode(raw) if self._blosc else raw
-                return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
             if self._blosc:
                 numcodecs.Blosc().decode(raw, out=out)
             else:
                 out.reshape(-1).view(np.uint8)[...] = np.frombuffer(raw, dtype=np.uint8)
-            return out
         except Exception as error:  # numcodecs raises RuntimeError; a wrong size, ValueError
             raise CorruptFileError(
                 f"cannot decode chunks: file {key} ({type(error).__name__}: {error})",
