@@ -11,7 +11,9 @@ both, and the non-brain head from the T1's head outline), each case with
 * a random spacing: 1 mm isotropic, thin in-plane with thick slices (1x1x3, 0.7x0.7x5 mm,
   slice profile averaged, not sub-sampled), coarse isotropic, or a single 2D slice
   (axial, coronal or sagittal);
-* a random multiplicative bias field and Rician-like noise.
+* a random multiplicative bias field, smooth within-tissue texture and mild Rician-like
+  noise (white noise is kept small: per-patch normalised MAE targets of noise-dominated
+  patches are unpredictable, and a tokenizer cannot code it).
 
 The result is one anatomy seen through many scanners: contrast and geometry vary, the
 anatomy does not (beyond the deformation). A probe on the real T1 is therefore held out
@@ -124,10 +126,11 @@ def synth_case(rng: np.random.Generator) -> SynthCase:
         sampled = ndimage.map_coordinates(prob, source_coords, order=1, mode="constant", cval=0.0)
         mean_map += sampled * (contrast[tissue] - contrast[0])
         texture_map += sampled * (texture[tissue] - texture[0])
-    image = mean_map + texture_map * rng.standard_normal(shape, dtype=np.float32)
+    grain = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.5)  # tissue texture: smooth, not white
+    image = mean_map + texture_map * grain / max(float(grain.std()), 1e-6)
     bias = np.exp(_smooth_field(rng, shape, 3, rng.uniform(0, 0.25)))
     image = image * bias.astype(np.float32)
-    noise = rng.uniform(0.005, 0.04)
+    noise = rng.uniform(0.002, 0.02)
     image = np.hypot(image + noise * rng.standard_normal(shape), noise * rng.standard_normal(shape)).astype(np.float32)
     return SynthCase(image, tuple(float(s) for s in spacing), kind)
 

@@ -147,7 +147,9 @@ class MIMPretrain(L.LightningModule):
 
         cases = [c for group in stream.cases for c in group]
         shapes = [s for group in stream.patch_shapes for s in group]
-        zoom = getattr(getattr(self.trainer.datamodule, "augment", None), "zoom", None) or (1.0, 1.0)
+        size = stream.patch_size
+        zoomed = getattr(size, "tokens", None) is not None and getattr(size, "zoom_prob", 0) > 0
+        zoom = tuple(size.zoom) if zoomed else (1.0, 1.0)  # token-grid crops: the in-plane zoom range sets the extent
         reasons = {
             "scale": scale_task_reason(crop_extents_mm(cases, shapes, zoom), self.hparams.scale_edges_mm) if self.scale_head is not None else None,
             "modality": modality_task_reason(cases, self.modalities) if self.modality_head is not None else None,

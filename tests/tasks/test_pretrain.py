@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from spadkit.data.patches import PatchSize
 from spadkit.data.sources import CaseInfo
 from spadkit.errors import InvalidImageError, SpadkitError
 from spadkit.models import PixelHead, PretrainedCfg, create_model, save_pretrained, token_grid
@@ -288,8 +289,8 @@ def test_aux_heads_switch_off_when_the_data_cannot_pose_their_task(monkeypatch):
 
     mr3d, ct2d = case("MR", (160, 160, 160), (1.0, 1.0, 1.0)), case("CT", (1, 128, 128), (1.0, 0.66, 0.66))
     module = MIMPretrain("spad_vit_test", mim_weight=0.0, modality_weight=0.1, scale_weight=0.1)
-    stream = SimpleNamespace(cases=[[mr3d, ct2d]], patch_shapes=[[(32, 32, 32), (1, 48, 48)]])
-    monkeypatch.setattr(MIMPretrain, "trainer", property(lambda self: SimpleNamespace(datamodule=SimpleNamespace(train_stream=stream, augment=None))))
+    stream = SimpleNamespace(cases=[[mr3d, ct2d]], patch_shapes=[[(32, 32, 32), (1, 48, 48)]], patch_size=PatchSize(voxels=32))
+    monkeypatch.setattr(MIMPretrain, "trainer", property(lambda self: SimpleNamespace(datamodule=SimpleNamespace(train_stream=stream))))
     module._trainer = object()
     with pytest.warns(UserWarning) as record:
         module.setup("fit")
@@ -305,3 +306,10 @@ def test_aux_heads_switch_off_when_the_data_cannot_pose_their_task(monkeypatch):
     both._trainer = object()
     both.setup("fit")
     assert both.scale_head is not None and both.modality_head is not None and not both.heads_off
+    # one case, but token-grid crops zoomed 0.75-2x in-plane: 48-128 mm, two bins
+    zoomed = MIMPretrain("spad_vit_test", mim_weight=0.0, scale_weight=0.1)
+    stream.cases, stream.patch_shapes = [[mr3d]], [[(16, 64, 64)]]
+    stream.patch_size = PatchSize(tokens=(1, 4, 4), zoom=(0.75, 2.0), zoom_prob=0.5)
+    zoomed._trainer = object()
+    zoomed.setup("fit")
+    assert zoomed.scale_head is not None

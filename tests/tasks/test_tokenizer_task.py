@@ -147,3 +147,37 @@ def test_perceptual_hook_gets_slices_and_stays_out_of_checkpoints(batches, tmp_p
     assert not any(k.startswith("perceptual.") for k in raw["state_dict"])
     restored = TokenizerPretrain.load_from_checkpoint(tmp_path / "vt.ckpt", map_location="cpu", weights_only=True, perceptual=_SliceL1())
     torch.testing.assert_close(restored.tokenizer.state_dict(), module.tokenizer.state_dict())
+
+
+def _gloo_rank(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        logits = torch.full((1, 4, 2, 1, 1), -10.0)
+        logits[:, rank] = 10.0  # rank r's tokens all pick code r
+
+        def gather(local: torch.Tensor) -> torch.Tensor:
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local.contiguous())
+            return torch.stack(parts)
+
+        usage, _ = code_entropies(logits, gather)
+        results[rank] = float(usage)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_codebook_usage_gathers_across_two_gloo_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_gloo_rank, args=(2, port, results), nprocs=2, join=True)
+    # each rank alone uses one code (usage ~0); over the global batch two codes are used: ln 2
+    assert results[0] == pytest.approx(math.log(2), abs=1e-3) and results[1] == pytest.approx(math.log(2), abs=1e-3)
