@@ -1,0 +1,184 @@
+"""AnnotationSession on the MNI152 T1: saving first, the annotated region, undo/redo, splits, suggestions, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spadkit.active import AnnotationSession, region_mask
+from spadkit.active import features_cache as cache
+from spadkit.active import session as session_module
+from spadkit.active.history import decode
+from spadkit.errors import SpadkitError, StoreError
+from spadkit.io.omezarr import OMEZarrStore
+from spadkit.models import create_model
+from tests.active.conftest import CASE, tiny_model, truth_slice
+
+SHAPE = (189, 233, 197)
+
+
+def test_cold_start_predicts_uniform_and_suggests_a_tissue_slice(store, label_name):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name)
+    assert session.startup["features_from_cache"]
+    shown = session.predict((slice(90, 92),))
+    assert shown.probs.shape == (2, 2, 233, 197) and shown.region == (slice(90, 92), slice(0, 233), slice(0, 197))
+    np.testing.assert_allclose(shown.uncertainty, math.log(2), rtol=1e-5)
+    hint = session.suggest_next()
+    assert hint.reason.startswith("cold start") and 0 < hint.score <= 1
+    centre = SHAPE[hint.axis] / 2
+    assert abs(hint.index - centre) < 0.3 * SHAPE[hint.axis]  # the slice with most tissue is central, not an edge
+
+
+def test_the_version_is_saved_before_learning_and_records_who_what_where(store, truth, label_name, monkeypatch):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name, author="ann")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the light head crashed")
+
+    monkeypatch.setattr(session_module, "fit_light_head", broken)
+    with pytest.raises(RuntimeError, match="crashed"):
+        session.submit_correction("y", 120, truth_slice(truth, 1, 120))
+    [version] = store.label_versions(CASE, label_name)
+    record = decode(version["message"])
+    assert version["author"] == "ann" and version["time"]
+    assert record["item"] == {"axis": 1, "index": 120, "split": "train"}
+    assert record["voxels_changed"] == int(truth[:, 120].sum()) > 0
+    assert record["model"] == cache.model_hash(session.model)
+    assert record["annotated"] == [record["item"]]
+    np.testing.assert_array_equal(store.read_label(CASE, label_name).numpy()[0][:, 120], truth[:, 120])
+
+
+def test_only_the_annotated_region_trains_the_head_and_the_visible_region_is_refreshed(store, truth, label_name, monkeypatch):
+    seen = []
+    real = session_module.fit_light_head
+    monkeypatch.setattr(session_module, "fit_light_head", lambda f, labels, mask, **kw: seen.append(np.asarray(mask).copy()) or real(f, labels, mask, **kw))
+    session = AnnotationSession(store, CASE, tiny_model(), label_name)
+    session.predict((slice(100, 101),))
+    first = session.submit_correction(0, 100, truth_slice(truth, 0, 100))
+    assert seen[-1].sum() == 233 * 197 and seen[-1][100].all()  # the slice only: nothing else counts as background
+    assert first.prediction is not None and first.prediction.region[0] == slice(100, 101)
+    assert first.prediction.model.endswith(f"/head@v{first.version}")
+    assert first.edit_dice is None  # cold start: no prediction was shown
+    second = session.submit_correction(2, 98, truth_slice(truth, 2, 98))
+    assert second.edit_dice is not None and 0 <= second.edit_dice <= 1 and 0 <= second.changed_fraction <= 1
+    assert seen[-1].sum() == 233 * 197 + 189 * 233 - 233
+    assert session.annotated.sum() == seen[-1].sum()
+    assert set(second.timings) >= {"save_s", "fit_s", "predict_s", "refresh_s"}
+
+
+def test_undo_and_redo_write_new_versions_and_restore_content_and_region(store, truth, label_name):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
+    session.submit_correction(0, 80, truth_slice(truth, 0, 80))
+    after_a = session.label.copy()
+    session.submit_correction(1, 110, truth_slice(truth, 1, 110))
+    after_b = session.label.copy()
+    undone = session.undo()
+    np.testing.assert_array_equal(store.read_label(CASE, label_name).numpy()[0], after_a)
+    assert [i["axis"] for i in session.items] == [0] and undone.voxels_changed == int((after_a != after_b).sum())
+    session.redo()
+    np.testing.assert_array_equal(session.label, after_b)
+    session.undo()
+    session.undo()
+    assert not session.label.any() and session.items == [] and session.head is None
+    with pytest.raises(SpadkitError, match="nothing to undo"):
+        session.undo()
+    session.redo()
+    session.submit_correction(2, 90, truth_slice(truth, 2, 90))  # a new correction clears the redo stack
+    with pytest.raises(SpadkitError, match="nothing to redo"):
+        session.redo()
+    ops = [row["op"] for row in session.history()]
+    assert ops == ["correction", "correction", "undo", "redo", "undo", "undo", "redo", "correction"]
+    assert len(store.label_versions(CASE, label_name)) == 8  # nothing was deleted
+
+
+def test_the_validation_split_is_fixed_once_per_slice(store, truth, label_name):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
+    slices = [(0, 70), (0, 110), (1, 100), (2, 60), (2, 130)]
+    for axis, index in slices:
+        session.submit_correction(axis, index, truth_slice(truth, axis, index))
+    splits = {(i["axis"], i["index"]): i["split"] for i in session.items}
+    assert [splits[s] for s in slices] == ["train", "train", "validation", "train", "train"]
+    assert session.validation_dice() is not None
+    session.undo()
+    session.submit_correction(1, 100, truth_slice(truth, 1, 100))  # corrected again: still validation
+    session.submit_correction(2, 130, truth_slice(truth, 2, 130))
+    again = {(i["axis"], i["index"]): i["split"] for i in session.items}
+    assert again == splits
+    train = region_mask(session.items, SHAPE, "train")
+    assert not train[:, 100].all()  # the validation slice never trains the head
+
+
+def test_a_3d_box_correction_marks_only_its_box_as_reviewed(store, truth, label_name):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
+    box = (slice(90, 100), slice(100, 140), slice(80, 120))
+    session.submit_correction(None, None, truth[box], region=box)
+    assert session.annotated.sum() == 10 * 40 * 40 and session.annotated[box].all()
+    with pytest.raises(SpadkitError, match="mask has shape"):
+        session.submit_correction(None, None, truth[box][:5], region=box)
+
+
+def test_suggestions_skip_corrected_slices_and_spread_out(store, truth, label_name):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=20)
+    picked = []
+    for _ in range(3):
+        hint = session.suggest_next()
+        picked.append((hint.axis, hint.index))
+        session.submit_correction(hint.axis, hint.index, truth_slice(truth, hint.axis, hint.index))
+    assert len(set(picked)) == 3
+    ranked = session.suggest_next(top=10)
+    assert not {(s.axis, s.index) for s in ranked} & set(picked)
+    assert "uncertainty" in ranked[0].reason and "diversity" in ranked[0].reason
+    assert [s.score for s in ranked] == sorted((s.score for s in ranked), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((0, 100, np.zeros((233, 196), bool)), "mask has shape"),
+        ((0, 100, np.zeros((233, 197), np.float32)), "bool or integer"),
+        ((3, 100, np.zeros((233, 197), bool)), "axis 3"),
+        ((0, 189, np.zeros((233, 197), bool)), "outside the z axis"),
+        ((1, -1, np.zeros((189, 197), bool)), "outside the y axis"),
+        ((2, 5, np.full((189, 233), 2)), "outside 0..1"),
+    ],
+)
+def test_bad_corrections_are_refused_before_anything_is_written(store, label_name, args, match):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name)
+    with pytest.raises(SpadkitError, match=match) as info:
+        session.submit_correction(*args)
+    assert info.value.fix
+    assert label_name not in store.label_names(CASE)
+
+
+def test_a_read_only_store_predicts_and_suggests_but_refuses_corrections(mni_store, label_name):
+    store = OMEZarrStore(str(mni_store[0]), mode="r")
+    session = AnnotationSession(store, CASE, tiny_model(), label_name)
+    session.suggest_next()
+    with pytest.raises(StoreError, match="read-only"):
+        session.submit_correction(0, 100, np.zeros((233, 197), bool))
+    assert label_name not in store.label_names(CASE)
+
+
+def test_a_model_with_other_channels_is_refused(store, label_name):
+    torch.manual_seed(0)
+    with pytest.raises(SpadkitError, match="2-channel images, case mni has 1") as info:
+        AnnotationSession(store, CASE, create_model("spad_vit_test", in_chans=2), label_name)
+    assert "in_chans=1" in info.value.fix
+
+
+def test_a_deleted_or_damaged_feature_cache_is_recomputed(store, label_name):
+    model = tiny_model()
+    path = cache.feature_path(store, CASE, cache.model_hash(model))
+    reference = AnnotationSession(store, CASE, model, label_name).features
+    path.unlink()
+    rebuilt = AnnotationSession(store, CASE, model, label_name)
+    assert not rebuilt.startup["features_from_cache"] and path.is_file()
+    torch.testing.assert_close(rebuilt.features.tokens, reference.tokens)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="unreadable feature cache"):
+        again = AnnotationSession(store, CASE, model, label_name)
+    assert not again.startup["features_from_cache"]
+    assert AnnotationSession(store, CASE, model, label_name).startup["features_from_cache"]
