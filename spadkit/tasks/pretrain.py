@@ -80,6 +80,8 @@ class MIMPretrain(L.LightningModule):
         tokenizer_cfg: filled in automatically (the tokenizer's :class:`PretrainedCfg` as a
             dict), so a Lightning checkpoint, which holds the tokenizer's weights, loads after
             the tokenizer folder moved.
+        recipe: label recorded as ``provenance["recipe"]`` of the export: ``"pumit"`` for
+            ``pretrain_pumit.yaml``, else a spadkit variant.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class MIMPretrain(L.LightningModule):
         warmup_steps: int = 100,
         export_dir: str | None = None,
         tokenizer_cfg: dict[str, Any] | None = None,
+        recipe: str = "spadkit variant",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -232,6 +235,7 @@ class MIMPretrain(L.LightningModule):
         if self.hparams.export_dir and self.trainer.is_global_zero:
             cfg = pretrained_cfg(self, self.hparams.backbone, "mim+mae+aux pretraining", modalities=self.modalities)
             cfg.provenance["heads_off"] = dict(self.heads_off)
+            cfg.provenance["recipe"] = self.hparams.recipe
             save_pretrained(self.backbone, cfg, self.hparams.export_dir)
 
 

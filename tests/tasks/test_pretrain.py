@@ -56,6 +56,7 @@ def test_mae_only_lowers_loss(batches, tmp_path):
     exported = create_model("spad_vit_test", pretrained=tmp_path / "vit")
     assert exported.pretrained_cfg.provenance["steps"] == 60
     assert exported.pretrained_cfg.modalities == ["CT", "MR"]
+    assert exported.pretrained_cfg.provenance["recipe"] == "spadkit variant"
     for key, value in module.backbone.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0)
 
