@@ -34,7 +34,8 @@ def heldout_dice(session: AnnotationSession, truth: np.ndarray, stride: int = 3)
 
 
 @pytest.mark.slow
-def test_a_simulated_annotator_improves_heldout_dice(store, truth, label_name):
+def test_a_simulated_annotator_improves_heldout_dice(full_store, full_truth, label_name):
+    store, truth = full_store, full_truth
     session = AnnotationSession(store, CASE, tiny_model(), label_name)
     scores, edits = [], []
     for _ in range(ROUNDS):
@@ -63,7 +64,7 @@ CHILD = textwrap.dedent(
     slices = np.load(slices_file)
     store = OMEZarrStore(url, mode="a")
     session = AnnotationSession(store, "mni", tiny_model(), name, steps=5)
-    plan = [(0, 70), (1, 100), (2, 60), (0, 120)]
+    plan = [(0, 35), (1, 50), (2, 30), (0, 60)]
     for k, (axis, index) in enumerate(plan[:3]):
         session.submit_correction(axis, index, slices[f"s{k}"])
     die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
@@ -73,7 +74,7 @@ CHILD = textwrap.dedent(
     else:  # killed while the label chunks are written, before the metadata points at them
         real_write = omezarr.write_levels
         omezarr.write_levels = lambda *a, **k: (real_write(*a, **k), die())[0]
-    session.submit_correction(0, 120, slices["s3"])
+    session.submit_correction(0, 60, slices["s3"])
     """
 )
 
@@ -81,7 +82,7 @@ CHILD = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["after_save", "while_saving"])
 def test_a_killed_session_resumes_its_corrections_split_and_model(store, truth, label_name, tmp_path, when):
-    plan = [(0, 70), (1, 100), (2, 60), (0, 120)]
+    plan = [(0, 35), (1, 50), (2, 30), (0, 60)]
     np.savez(tmp_path / "slices.npz", **{f"s{k}": truth_slice(truth, a, i) for k, (a, i) in enumerate(plan)})
     child = subprocess.run(
         [sys.executable, "-c", CHILD, store.url, label_name, str(tmp_path / "slices.npz"), when],
@@ -97,6 +98,6 @@ def test_a_killed_session_resumes_its_corrections_split_and_model(store, truth, 
     for axis, index in kept:
         np.testing.assert_array_equal(np.take(session.label, index, axis=axis), truth_slice(truth, axis, index))
     assert len(store.label_versions(CASE, label_name)) == len(kept)
-    nxt = session.submit_correction(1, 140, truth_slice(truth, 1, 140))  # the store reuses an orphaned version folder
+    nxt = session.submit_correction(1, 70, truth_slice(truth, 1, 70))  # the store reuses an orphaned version folder
     assert nxt.version == len(kept) + 1
     assert os.path.isdir(Path(store.url) / CASE / "labels" / label_name / f"v{nxt.version:04d}")

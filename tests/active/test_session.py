@@ -1,4 +1,4 @@
-"""AnnotationSession on the MNI152 T1: saving first, the annotated region, undo/redo, splits, suggestions, bad input."""
+"""AnnotationSession on the MNI152 T1 at 2 mm: saving first, the annotated region, undo/redo, splits, suggestions, bad input."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from spadkit.io.omezarr import OMEZarrStore
 from spadkit.models import create_model
 from tests.active.conftest import CASE, tiny_model, truth_slice
 
-SHAPE = (189, 233, 197)
+SHAPE = Z, Y, X = (95, 117, 99)  # the MNI152 T1 at 2 mm
 
 
 def test_cold_start_predicts_uniform_and_suggests_a_tissue_slice(store, label_name):
     session = AnnotationSession(store, CASE, tiny_model(), label_name)
     assert session.startup["features_from_cache"]
-    shown = session.predict((slice(90, 92),))
-    assert shown.probs.shape == (2, 2, 233, 197) and shown.region == (slice(90, 92), slice(0, 233), slice(0, 197))
+    shown = session.predict((slice(45, 47),))
+    assert shown.probs.shape == (2, 2, Y, X) and shown.region == (slice(45, 47), slice(0, Y), slice(0, X))
     np.testing.assert_allclose(shown.uncertainty, math.log(2), rtol=1e-5)
     hint = session.suggest_next()
     assert hint.reason.startswith("cold start") and 0 < hint.score <= 1
@@ -40,15 +40,15 @@ def test_the_version_is_saved_before_learning_and_records_who_what_where(store, 
 
     monkeypatch.setattr(session_module, "fit_light_head", broken)
     with pytest.raises(RuntimeError, match="crashed"):
-        session.submit_correction("y", 120, truth_slice(truth, 1, 120))
+        session.submit_correction("y", 60, truth_slice(truth, 1, 60))
     [version] = store.label_versions(CASE, label_name)
     record = decode(version["message"])
     assert version["author"] == "ann" and version["time"]
-    assert record["item"] == {"axis": 1, "index": 120, "split": "train"}
-    assert record["voxels_changed"] == int(truth[:, 120].sum()) > 0
+    assert record["item"] == {"axis": 1, "index": 60, "split": "train"}
+    assert record["voxels_changed"] == int(truth[:, 60].sum()) > 0
     assert record["model"] == cache.model_hash(session.model)
     assert record["annotated"] == [record["item"]]
-    np.testing.assert_array_equal(store.read_label(CASE, label_name).numpy()[0][:, 120], truth[:, 120])
+    np.testing.assert_array_equal(store.read_label(CASE, label_name).numpy()[0][:, 60], truth[:, 60])
 
 
 def test_only_the_annotated_region_trains_the_head_and_the_visible_region_is_refreshed(store, truth, label_name, monkeypatch):
@@ -56,24 +56,24 @@ def test_only_the_annotated_region_trains_the_head_and_the_visible_region_is_ref
     real = session_module.fit_light_head
     monkeypatch.setattr(session_module, "fit_light_head", lambda f, labels, mask, **kw: seen.append(np.asarray(mask).copy()) or real(f, labels, mask, **kw))
     session = AnnotationSession(store, CASE, tiny_model(), label_name)
-    session.predict((slice(100, 101),))
-    first = session.submit_correction(0, 100, truth_slice(truth, 0, 100))
-    assert seen[-1].sum() == 233 * 197 and seen[-1][100].all()  # the slice only: nothing else counts as background
-    assert first.prediction is not None and first.prediction.region[0] == slice(100, 101)
+    session.predict((slice(50, 51),))
+    first = session.submit_correction(0, 50, truth_slice(truth, 0, 50))
+    assert seen[-1].sum() == Y * X and seen[-1][50].all()  # the slice only: nothing else counts as background
+    assert first.prediction is not None and first.prediction.region[0] == slice(50, 51)
     assert first.prediction.model.endswith(f"/head@v{first.version}")
     assert first.edit_dice is None  # cold start: no prediction was shown
-    second = session.submit_correction(2, 98, truth_slice(truth, 2, 98))
+    second = session.submit_correction(2, 49, truth_slice(truth, 2, 49))
     assert second.edit_dice is not None and 0 <= second.edit_dice <= 1 and 0 <= second.changed_fraction <= 1
-    assert seen[-1].sum() == 233 * 197 + 189 * 233 - 233
+    assert seen[-1].sum() == Y * X + Z * Y - Y
     assert session.annotated.sum() == seen[-1].sum()
     assert set(second.timings) >= {"save_s", "fit_s", "predict_s", "refresh_s"}
 
 
 def test_undo_and_redo_write_new_versions_and_restore_content_and_region(store, truth, label_name):
     session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
-    session.submit_correction(0, 80, truth_slice(truth, 0, 80))
+    session.submit_correction(0, 40, truth_slice(truth, 0, 40))
     after_a = session.label.copy()
-    session.submit_correction(1, 110, truth_slice(truth, 1, 110))
+    session.submit_correction(1, 55, truth_slice(truth, 1, 55))
     after_b = session.label.copy()
     undone = session.undo()
     np.testing.assert_array_equal(store.read_label(CASE, label_name).numpy()[0], after_a)
@@ -86,7 +86,7 @@ def test_undo_and_redo_write_new_versions_and_restore_content_and_region(store, 
     with pytest.raises(SpadkitError, match="nothing to undo"):
         session.undo()
     session.redo()
-    session.submit_correction(2, 90, truth_slice(truth, 2, 90))  # a new correction clears the redo stack
+    session.submit_correction(2, 45, truth_slice(truth, 2, 45))  # a new correction clears the redo stack
     with pytest.raises(SpadkitError, match="nothing to redo"):
         session.redo()
     ops = [row["op"] for row in session.history()]
@@ -96,26 +96,26 @@ def test_undo_and_redo_write_new_versions_and_restore_content_and_region(store, 
 
 def test_the_validation_split_is_fixed_once_per_slice(store, truth, label_name):
     session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
-    slices = [(0, 70), (0, 110), (1, 100), (2, 60), (2, 130)]
+    slices = [(0, 35), (0, 55), (1, 50), (2, 30), (2, 65)]
     for axis, index in slices:
         session.submit_correction(axis, index, truth_slice(truth, axis, index))
     splits = {(i["axis"], i["index"]): i["split"] for i in session.items}
     assert [splits[s] for s in slices] == ["train", "train", "validation", "train", "train"]
     assert session.validation_dice() is not None
     session.undo()
-    session.submit_correction(1, 100, truth_slice(truth, 1, 100))  # corrected again: still validation
-    session.submit_correction(2, 130, truth_slice(truth, 2, 130))
+    session.submit_correction(1, 50, truth_slice(truth, 1, 50))  # corrected again: still validation
+    session.submit_correction(2, 65, truth_slice(truth, 2, 65))
     again = {(i["axis"], i["index"]): i["split"] for i in session.items}
     assert again == splits
     train = region_mask(session.items, SHAPE, "train")
-    assert not train[:, 100].all()  # the validation slice never trains the head
+    assert session.annotated[60, 50, 10] and not train[60, 50, 10]  # the validation slice never trains the head
 
 
 def test_a_3d_box_correction_marks_only_its_box_as_reviewed(store, truth, label_name):
     session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
-    box = (slice(90, 100), slice(100, 140), slice(80, 120))
+    box = (slice(45, 50), slice(50, 70), slice(40, 60))
     session.submit_correction(None, None, truth[box], region=box)
-    assert session.annotated.sum() == 10 * 40 * 40 and session.annotated[box].all()
+    assert session.annotated.sum() == 5 * 20 * 20 and session.annotated[box].all()
     with pytest.raises(SpadkitError, match="mask has shape"):
         session.submit_correction(None, None, truth[box][:5], region=box)
 
@@ -137,12 +137,12 @@ def test_suggestions_skip_corrected_slices_and_spread_out(store, truth, label_na
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        ((0, 100, np.zeros((233, 196), bool)), "mask has shape"),
-        ((0, 100, np.zeros((233, 197), np.float32)), "bool or integer"),
-        ((3, 100, np.zeros((233, 197), bool)), "axis 3"),
-        ((0, 189, np.zeros((233, 197), bool)), "outside the z axis"),
-        ((1, -1, np.zeros((189, 197), bool)), "outside the y axis"),
-        ((2, 5, np.full((189, 233), 2)), "outside 0..1"),
+        ((0, 50, np.zeros((Y, X - 1), bool)), "mask has shape"),
+        ((0, 50, np.zeros((Y, X), np.float32)), "bool or integer"),
+        ((3, 50, np.zeros((Y, X), bool)), "axis 3"),
+        ((0, Z, np.zeros((Y, X), bool)), "outside the z axis"),
+        ((1, -1, np.zeros((Z, X), bool)), "outside the y axis"),
+        ((2, 5, np.full((Z, Y), 2)), "outside 0..1"),
     ],
 )
 def test_bad_corrections_are_refused_before_anything_is_written(store, label_name, args, match):
@@ -158,7 +158,7 @@ def test_a_read_only_store_predicts_and_suggests_but_refuses_corrections(mni_sto
     session = AnnotationSession(store, CASE, tiny_model(), label_name)
     session.suggest_next()
     with pytest.raises(StoreError, match="read-only"):
-        session.submit_correction(0, 100, np.zeros((233, 197), bool))
+        session.submit_correction(0, 50, np.zeros((Y, X), bool))
     assert label_name not in store.label_names(CASE)
 
 
