@@ -117,7 +117,7 @@ def test_a_3d_box_correction_marks_only_its_box_as_reviewed(store, truth, label_
     session.submit_correction(None, None, truth[box], region=box)
     assert session.annotated.sum() == 5 * 20 * 20 and session.annotated[box].all()
     with pytest.raises(SpadkitError, match="mask has shape"):
-        session.submit_correction(None, None, truth[box][:5], region=box)
+        session.submit_correction(None, None, truth[box][:3], region=box)
 
 
 def test_suggestions_skip_corrected_slices_and_spread_out(store, truth, label_name):
