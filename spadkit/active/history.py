@@ -149,3 +149,18 @@ def replay(versions: Sequence[Mapping[str, Any]]) -> Log:
             done.append(undone.pop())
     latest = int(versions[-1]["version"]) if versions else 0
     return Log(entries, done, undone, base, splits, latest, foreign)
+
+
+def annotated_mask(store: Any, case_id: str, name: str = "seg", version: int | None = None) -> np.ndarray | None:
+    """``(Z, Y, X)`` bool voxels a person reviewed in a label version (latest by default), read from its record.
+
+    Returns None for a version no session wrote (ingested or predicted labels: the caller decides
+    whether they count as fully annotated). This is the mask fine-tuning should pass as
+    ``batch["annotated"]``: voxels outside it are unknown, never background.
+    """
+    versions = store.label_versions(case_id, name)
+    chosen = versions[-1] if version is None else next((v for v in versions if v["version"] == version), None)
+    record = None if chosen is None else decode(str(chosen.get("message", "")))
+    if record is None:
+        return None
+    return region_mask(record.get("annotated", []), store.read_image(case_id).spatial_shape)

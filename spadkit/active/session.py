@@ -53,6 +53,7 @@ from spadkit.atomic import atomic_path
 from spadkit.errors import SpadkitError, StoreError
 from spadkit.io.omezarr import check_name
 from spadkit.models.light_head import LightHead, fit_light_head, predict_light_head
+from spadkit.models.unetr import SpadUNETR
 from spadkit.volume import LabelVolume
 
 Box = tuple[slice, slice, slice]
@@ -122,7 +123,8 @@ class AnnotationSession:
     Args:
         store: an ``OMEZarrStore`` (mode ``"a"`` to submit; ``"r"`` allows predict/suggest only).
         case_id: the case.
-        model: a SPAD-ViT, or a model with a ``backbone`` (SPAD-UNETR); frozen, used for features.
+        model: a SPAD-ViT, or a model with a ``backbone`` (its features are used; frozen). A SPAD-UNETR
+            also predicts the first slices, before any correction (its output classes must be ``num_classes``).
         label_name: the label map the corrections are saved to (a new one is created).
         num_classes: classes of the segmentation, background 0 included.
         author: recorded with every version (default: the OS user).
@@ -152,6 +154,7 @@ class AnnotationSession:
         check_name(label_name, "label name", store.url)
         self.store, self.case_id, self.label_name, self.author = store, case_id, label_name, author
         self.model, self.num_classes = model, int(num_classes)
+        self._segments = isinstance(model, SpadUNETR)
         self.fit_settings = {"hidden": hidden, "steps": steps, "max_voxels": max_voxels}
         self.head_threads = head_threads
         image = store.read_image(case_id)
@@ -161,6 +164,11 @@ class AnnotationSession:
                 f"the model takes {in_chans}-channel images, case {case_id} has {image.shape[0]} channels",
                 path=f"{store.url}/{case_id}",
                 fix=f"use a model built with in_chans={image.shape[0]} (create_model(name, in_chans={image.shape[0]})).",
+            )
+        if self._segments and max(model.num_classes, 2) != self.num_classes:
+            raise SpadkitError(
+                f"the segmentation model predicts {max(model.num_classes, 2)} classes, the session has num_classes={self.num_classes}",
+                fix=f"start the session with num_classes={max(model.num_classes, 2)}.",
             )
         self.shape, self.affine = tuple(image.spatial_shape), image.affine
         self.folder = cache.session_dir(store, case_id, label_name)
@@ -275,7 +283,7 @@ class AnnotationSession:
         if self.head is not None:
             with torch_threads(self.head_threads):
                 probs = predict_light_head(self.head, self.features, box).numpy()
-        elif hasattr(self.model, "backbone"):  # a segmentation model (SPAD-UNETR) predicts before any correction
+        elif self._segments:  # a segmentation model (SPAD-UNETR) predicts before any correction
             from spadkit.infer import predict
 
             probs = np.asarray(predict(self.model, self.image, self.spacing, region=box).probs)
@@ -297,7 +305,7 @@ class AnnotationSession:
 
     def _prediction_of(self, box: Box) -> np.ndarray | None:
         """The labels the user saw in ``box`` (the last prediction when it covers the box and is current)."""
-        if self.head is None and not hasattr(self.model, "backbone"):
+        if self.head is None and not self._segments:
             return None  # a uniform guess is no prediction: no edit Dice
         shown = self._shown
         if shown is not None and shown.model == self.model_version and all(s.start <= b.start and b.stop <= s.stop for s, b in zip(shown.region, box)):

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from spadkit.active import AnnotationSession, region_mask
+from spadkit.active import AnnotationSession, annotated_mask, region_mask
 from spadkit.active import features_cache as cache
 from spadkit.active import session as session_module
 from spadkit.active.history import decode
 from spadkit.errors import SpadkitError, StoreError
 from spadkit.io.omezarr import OMEZarrStore
 from spadkit.models import create_model
+from spadkit.volume import LabelVolume
 from tests.active.conftest import CASE, tiny_model, truth_slice
 
 SHAPE = Z, Y, X = (95, 117, 99)  # the MNI152 T1 at 2 mm
@@ -182,3 +183,26 @@ def test_a_deleted_or_damaged_feature_cache_is_recomputed(store, label_name):
         again = AnnotationSession(store, CASE, model, label_name)
     assert not again.startup["features_from_cache"]
     assert AnnotationSession(store, CASE, model, label_name).startup["features_from_cache"]
+
+
+@pytest.mark.slow
+def test_a_segmentation_model_predicts_the_first_slice_and_its_edit_dice_is_recorded(store, truth, label_name):
+    torch.manual_seed(0)
+    unetr = create_model("spad_unetr_test")
+    with pytest.raises(SpadkitError, match="predicts 2 classes"):
+        AnnotationSession(store, CASE, unetr, label_name, num_classes=3)
+    session = AnnotationSession(store, CASE, unetr, label_name, steps=5)
+    shown = session.predict((slice(50, 51),))
+    assert shown.model == session.backbone_version and not np.allclose(shown.probs, 0.5)
+    first = session.submit_correction(0, 50, truth_slice(truth, 0, 50))
+    assert first.edit_dice is not None and first.changed_fraction == pytest.approx(float((shown.labels[0] != truth[50]).mean()))
+
+
+def test_annotated_mask_reads_the_reviewed_voxels_of_a_version(store, truth, label_name):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
+    store.save_label(CASE, LabelVolume(truth, store.read_image(CASE).affine), label_name, message="ingested")
+    assert annotated_mask(store, CASE, label_name) is None  # not a session version
+    first = session.submit_correction(1, 40, truth_slice(truth, 1, 40))
+    session.submit_correction(2, 50, truth_slice(truth, 2, 50))
+    np.testing.assert_array_equal(annotated_mask(store, CASE, label_name), session.annotated)
+    assert annotated_mask(store, CASE, label_name, first.version).sum() == Z * X
