@@ -95,7 +95,8 @@ def normalised_image(store: Any, case_id: str, model: nn.Module) -> tuple[np.nda
 def load_or_extract(store: Any, case_id: str, model: nn.Module, image: np.ndarray, spacing: tuple[float, float, float], digest: str) -> tuple[VoxelFeatures, bool]:
     """The cached features of the case, or extract and cache them. Returns ``(features, from_cache)``.
 
-    An unreadable cache file (truncated, from another torch) is recomputed with a warning.
+    An unreadable cache file (truncated, from another torch) is recomputed with a warning. A store
+    opened read-only (``mode="r"``) gets nothing written: its features stay in memory.
     """
     path = feature_path(store, case_id, digest)
     if path.is_file():
@@ -104,6 +105,8 @@ def load_or_extract(store: Any, case_id: str, model: nn.Module, image: np.ndarra
         except Exception as error:
             warnings.warn(f"{path}: unreadable feature cache ({type(error).__name__}); recomputing it", stacklevel=3)
     features = extract_features(model, image, spacing, components=COMPONENTS, max_tokens=MAX_TOKENS)
+    if store.mode == "r":
+        return features, False
     try:
         with atomic_path(path) as tmp:
             torch.save(features.state_dict(), tmp)

@@ -156,7 +156,14 @@ def test_bad_corrections_are_refused_before_anything_is_written(store, label_nam
 
 def test_a_read_only_store_predicts_and_suggests_but_refuses_corrections(mni_store, label_name):
     store = OMEZarrStore(str(mni_store[0]), mode="r")
-    session = AnnotationSession(store, CASE, tiny_model(), label_name)
+    model = tiny_model()
+    path = cache.feature_path(store, CASE, cache.model_hash(model))
+    path.rename(path.with_suffix(".moved"))
+    try:
+        session = AnnotationSession(store, CASE, model, label_name)
+        assert not path.exists()  # nothing is written into a store opened read-only
+    finally:
+        path.with_suffix(".moved").rename(path)
     session.suggest_next()
     with pytest.raises(StoreError, match="read-only"):
         session.submit_correction(0, 50, np.zeros((Y, X), bool))
