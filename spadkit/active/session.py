@@ -90,6 +90,17 @@ class Round:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "prediction"}
 
 
+def load_saved_model(folder: str | Path) -> nn.Module:
+    """The model in a ``save_pretrained`` folder, built from the architecture its ``pretrained_cfg.json`` names."""
+    from spadkit.models import create_model
+    from spadkit.models.registry import CFG_FILE, PretrainedCfg
+
+    cfg_file = Path(folder) / CFG_FILE
+    if not cfg_file.is_file():
+        raise SpadkitError("not a save_pretrained folder", path=folder, fix="point at a folder with model.pt and pretrained_cfg.json.")
+    return create_model(PretrainedCfg.from_json(cfg_file.read_text(), cfg_file).architecture, pretrained=str(folder))
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run torch with ``threads`` intra-op threads inside the block (None: unchanged).
@@ -203,13 +214,10 @@ class AnnotationSession:
             raise SpadkitError("no annotation session to resume", path=state_file, fix="start one with AnnotationSession(store, case_id, model).")
         state = json.loads(state_file.read_text())
         if model is None:
-            from spadkit.models import create_model
-
             folder = state_file.parent / "models" / str(state.get("model", ""))
             if not (folder / "pretrained_cfg.json").is_file():
                 raise SpadkitError("the session's model was not saved", path=folder, fix="pass model= (the backbone the session used).")
-            architecture = json.loads((folder / "pretrained_cfg.json").read_text())["architecture"]
-            model = create_model(architecture, pretrained=str(folder))
+            model = load_saved_model(folder)
         kwargs.setdefault("num_classes", int(state.get("num_classes", 2)))
         return cls(store, case_id, model, label_name, **kwargs)
 

@@ -1,0 +1,35 @@
+"""``spadkit session``: one loop step per call on the MNI152 store, resumed from the store every time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from spadkit.cli import main
+from tests.active.conftest import CASE
+
+
+def run(capsys, *argv: str) -> tuple[int, object, str]:
+    code = main(["session", *argv])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if code == 0 else None, captured.err
+
+
+def test_a_session_runs_step_by_step_from_the_shell(mni_store, truth, label_name, tmp_path, capsys):
+    url = str(mni_store[0])
+    code, hint, _ = run(capsys, url, CASE, "suggest", "--label", label_name, "--model", "spad_vit_test")
+    assert code == 0 and hint["axis"] in "zyx" and "cold start" in hint["reason"]
+    axis = "zyx".index(hint["axis"])
+    np.save(tmp_path / "slice.npy", np.take(truth, hint["index"], axis=axis).astype(bool))
+    code, done, _ = run(capsys, url, CASE, "submit", "--label", label_name, "--axis", hint["axis"], "--index", str(hint["index"]), "--mask", str(tmp_path / "slice.npy"))
+    assert code == 0 and done["version"] == 1 and done["voxels_changed"] == int(np.take(truth, hint["index"], axis=axis).sum())
+    code, history, _ = run(capsys, url, CASE, "history", "--label", label_name)  # no --model: the session's own
+    assert code == 0 and [(h["op"], h["item"]["index"]) for h in history] == [("correction", hint["index"])]
+    code, undone, _ = run(capsys, url, CASE, "undo", "--label", label_name)
+    assert code == 0 and undone["op"] == "undo"
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 3), bool))
+    code, _, err = run(capsys, url, CASE, "submit", "--label", label_name, "--axis", "z", "--index", "40", "--mask", str(tmp_path / "wrong.npy"))
+    assert code == 2 and "mask has shape (3, 3)" in err and "Fix:" in err
+    code, _, err = run(capsys, url, CASE, "redo", "--label", "never" + label_name)
+    assert code == 2 and "no annotation session to resume" in err
