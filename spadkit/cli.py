@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="train the tokenizer or pretrain SPAD-ViT (LightningCLI; `spadkit pretrain --help`)",
     )
+    from spadkit.active.command import add_parser as add_session_parser
+
+    add_session_parser(sub)
     return parser
 
 
