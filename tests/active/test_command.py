@@ -33,3 +33,14 @@ def test_a_session_runs_step_by_step_from_the_shell(mni_store, truth, label_name
     assert code == 2 and "mask has shape (3, 3)" in err and "Fix:" in err
     code, _, err = run(capsys, url, CASE, "redo", "--label", "never" + label_name)
     assert code == 2 and "no annotation session to resume" in err
+
+
+def test_the_loop_imports_no_gui_toolkit():
+    import subprocess
+    import sys
+
+    code = "import sys, spadkit.active, spadkit.active.command; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for gui in ("napari", "qtpy", "PyQt5", "PyQt6", "PySide6", "ipywidgets", "matplotlib"):
+        assert f"'{gui}'" not in loaded
+    assert "'torch'" in loaded  # the check sees real imports
