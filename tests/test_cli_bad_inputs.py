@@ -180,6 +180,12 @@ ROWS = [
     ),
     Row("pretrain-bad-number", (*PRETRAIN, "--trainer.max_steps=many"), ("max_steps", "many")),
     Row("pretrain-bad-store", ("pretrain", "--config", "tokenizer_tiny", "--data.train=[{bad}/corrupt_root.zarr]", "--trainer.logger=false"), ("{bad}/corrupt_root.zarr",), owner="stream"),
+    # spadkit session (the annotation loop)
+    Row("session-missing-store", ("session", "{bad}/nowhere.zarr", "case_a", "suggest"), ("{bad}/nowhere.zarr",), owner="active"),
+    Row("session-unknown-case", ("session", "{bad}/good.zarr", "no_case", "suggest", "--model", "spad_unetr_test"), ("{bad}/good.zarr", "no_case"), owner="active"),
+    Row("session-model-is-a-checkpoint", ("session", "{bad}/good.zarr", "case_a", "suggest", "--model", "{bad}/hostile.ckpt"), ("{bad}/hostile.ckpt",), owner="active"),
+    Row("session-wrong-typed-pretrained-cfg", ("session", "{bad}/good.zarr", "case_a", "suggest", "--model", "{bad}/tok_bad_cfg"), ("{bad}/tok_bad_cfg",), owner="active"),
+    Row("session-bad-number", ("session", "{bad}/good.zarr", "case_a", "suggest", "--classes", "many"), ("--classes", "many")),
     # spadkit demo
     Row("demo-out-is-a-file", ("demo", "--out", "{bad}/an_existing_file", "--no-pretrain"), ("{bad}/an_existing_file",)),
     # the parser itself
