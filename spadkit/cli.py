@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -249,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_abandoned_reads() -> None:
+    """Silence asyncio's shutdown report of zarr reads abandoned by a failed one.
+
+    When one chunk of a zarr read fails, zarr's ``concurrent_map`` leaves the
+    other chunk tasks pending on its background loop; at interpreter exit
+    asyncio logs "Task was destroyed but it is pending!" for each, burying the
+    error already printed. Only the exit path of a reported error calls this.
+    """
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``spadkit ARGV``; return the exit status.
 
@@ -268,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except SpadkitError as err:
         print(f"error: {err}", file=sys.stderr)
+        _quiet_abandoned_reads()
         return 2
     except BrokenPipeError:
         # The reader went away (`spadkit catalog list | head -1`): stop quietly. Point stdout at
