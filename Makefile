@@ -39,7 +39,11 @@ test: sysdeps $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/chunking.py --out benchmarks/results/chunking.json
 	$(PY) benchmarks/loader.py --seconds 20 --out benchmarks/results/loader.json
+	$(PY) benchmarks/loader.py --regime large --out benchmarks/results/loader_large.json
 	$(PY) benchmarks/pretrain.py --out benchmarks/results/pretrain.json
+	$(PY) benchmarks/ingest_memory.py --cases 1 --workers 1 --json benchmarks/results/ingest_memory_current.json
+	$(VENV)/bin/spadkit demo --out demo_output
+	$(PY) benchmarks/feature_probe.py --weights demo_output/weights/spad_vit_test --out benchmarks/results/feature_probe.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spadkit tests benchmarks

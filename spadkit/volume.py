@@ -41,6 +41,7 @@ from nibabel.orientations import (
 )
 
 from spadkit.errors import GeometryMismatchError, InvalidImageError
+from spadkit.stats import count_where
 
 #: Canonical orientation of stored volumes (voxel axes x, y, z point R, A, S).
 CANONICAL_AXCODES: tuple[str, str, str] = ("R", "A", "S")
@@ -420,14 +421,17 @@ def _as_integer_labels(array: Any, source: str | None) -> Any:
         return array
     if not np.issubdtype(dtype, np.floating):
         raise InvalidImageError(f"label dtype {dtype} is not numeric", path=source, fix="save labels as integers.")
-    # Float labels are common (NIfTI written as float32); an in-memory array is
-    # checked whole, a lazy one on its middle slice so that nothing is read in full.
-    probe = array if isinstance(array, np.ndarray) else array[0, array.shape[1] // 2]
-    probe = np.asarray(probe.compute() if hasattr(probe, "compute") else probe)
-    if not np.all(np.isfinite(probe)) or not np.array_equal(probe, np.round(probe)):
+    # Float labels are common (NIfTI written as float32): every voxel is checked,
+    # a lazy array slab by slab so that it is never decoded whole.
+    if count_where(array, _not_a_class_number, source):
         raise InvalidImageError(
             "label map holds non-integer or non-finite values",
             path=source,
             fix="labels must be whole class numbers; was an image passed as a label?",
         )
     return array.astype(np.int32)
+
+
+def _not_a_class_number(values: np.ndarray) -> np.ndarray:
+    """True where a float label voxel is NaN/Inf or not a whole number."""
+    return ~np.isfinite(values) | (values != np.round(values))

@@ -241,6 +241,16 @@ def test_label_non_integer_floats_rejected(bad):
     assert info.value.path == SOURCE
 
 
+@pytest.mark.parametrize("bad", [0.5, np.nan], ids=["fraction", "nan"])
+def test_lazy_float_label_is_checked_in_every_slice(bad):
+    # The first slice, not the middle one the check used to read (issue 9, item 10).
+    data = np.zeros((7, 4, 4), np.float32)
+    data[0, 1, 1] = bad
+    with pytest.raises(InvalidImageError, match="non-integer") as info:
+        LabelVolume(da.from_array(data, chunks=(2, 4, 4)), meta={"source": SOURCE})
+    assert info.value.path == SOURCE
+
+
 def test_label_bool_becomes_uint8():
     mask = np.zeros((2, 3, 4), bool)
     mask[1, 1, 1:3] = True
