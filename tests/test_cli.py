@@ -11,10 +11,11 @@ import pytest
 from lightning.pytorch import Callback
 
 from spadkit.cli import build_parser, main
+from spadkit.tasks.launch import CONFIG_DIR
 from spadkit.io import OMEZarrStore
 from tests.conftest import write_nifti_array
 
-SUBCOMMANDS = [[], ["catalog"], ["catalog", "list"], ["catalog", "show"], ["catalog", "validate"], ["ingest"], ["info"], ["check"], ["demo"]]
+SUBCOMMANDS = [[], ["catalog"], ["catalog", "list"], ["catalog", "show"], ["catalog", "validate"], ["ingest"], ["info"], ["check"], ["demo"], ["session"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w) or "spadkit")
@@ -135,7 +136,7 @@ def test_pretrain_runs_a_bundled_config_and_exports_weights(tmp_path):
     create_model("spad_vt_test", pretrained=export)
 
 
-@pytest.mark.parametrize("config", ["tokenizer_tiny", "pretrain_tiny", "pretrain_gpu", "pretrain_ddp"])
+@pytest.mark.parametrize("config", sorted(path.stem for path in CONFIG_DIR.glob("*.yaml")))
 def test_every_bundled_config_parses(config, capsys):
     with pytest.raises(SystemExit) as info:
         main(["pretrain", "--config", config, "--print_config"])
