@@ -162,24 +162,53 @@ def _tokenizer_usable(folder: Path) -> bool:
     return True
 
 
+def _panel(key: str) -> str | None:
+    """The panel a logged ``train/`` key is drawn in: each diagnostic beside the trivial baseline it must beat."""
+    if key in ("psnr", "psnr_patch_mean"):
+        return "reconstruction PSNR (dB) vs patch mean"
+    if key.startswith("mi_"):
+        return "code information (nats)"
+    if key in ("mae_textured", "mae_floor_zero"):
+        return "MAE on textured tokens vs predicting zero"
+    if key.startswith("mim"):
+        return "MIM vs its floors (entropy, position only)"
+    if key.startswith("codes_used"):
+        return None  # a count (0..K): its own scale, logged in the CSV
+    return "losses"
+
+
 def plot_losses(runs: dict[str, Path], path: Path) -> Path:
-    """One panel per run: every ``train/*`` loss against the step (raw, faint; and a 5-log running mean)."""
+    """One row per run; its losses and each diagnostic beside its baseline, against the step
+    (raw, faint; and a 5-log running mean)."""
     import csv
 
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(5 * len(runs), 3.6), layout="constrained")
-    for axes, (name, metrics) in zip(figure.subplots(1, len(runs), squeeze=False)[0], runs.items()):
+    curves: dict[str, dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]] = {}
+    for name, metrics in runs.items():
         with open(metrics, newline="") as f:
             rows = list(csv.DictReader(f))
+        panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         for key in sorted(k for k in rows[0] if k.startswith("train/")):
+            panel = _panel(key.removeprefix("train/"))
             points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
-            steps, values = np.array(points).T
-            window = min(5, len(values))
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            (line,) = axes.plot(steps[window - 1 :], smooth, label=key.removeprefix("train/"))
-            axes.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.8)
-        axes.set(title=f"{name} (CPU, tiny model)", xlabel="step", ylabel="loss")
-        axes.legend(fontsize=8)
+            if panel is not None and points:
+                panels.setdefault(panel, {})[key.removeprefix("train/")] = tuple(np.array(points).T)
+        curves[name] = dict(sorted(panels.items(), key=lambda item: item[0] != "losses"))
+    columns = max(len(panels) for panels in curves.values())
+    figure = Figure(figsize=(4.6 * columns, 3.2 * len(runs)), layout="constrained")
+    grid = figure.subplots(len(runs), columns, squeeze=False)
+    for row, (name, panels) in zip(grid, curves.items()):
+        for axes in row[len(panels) :]:
+            axes.set_visible(False)
+        for axes, (panel, series) in zip(row, panels.items()):
+            for label, (steps, values) in series.items():
+                window = min(5, len(values))
+                smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+                (line,) = axes.plot(steps[window - 1 :], smooth, label=label)
+                axes.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.8)
+            axes.set(title=f"{name}: {panel}", xlabel="step")
+            axes.title.set_fontsize(9)
+            axes.legend(fontsize=7)
     figure.savefig(path, dpi=110)
     return path
