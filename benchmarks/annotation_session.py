@@ -1,4 +1,4 @@
-"""Timings of the annotation loop (not a test): ``python -m tests.active.bench_session [--model spad_vit_small]``.
+"""Timings of the annotation loop (not a test): ``python benchmarks/annotation_session.py [--model spad_vit_small]``.
 
 Measures, on the MNI152 T1 (189, 233, 197) in a fresh tmp store: the session start-up (feature
 extraction, then from the cache), and per correction of a suggested slice the save, the light-head
