@@ -173,7 +173,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def pretrain(argv: Sequence[str]) -> int:
-    """``spadkit pretrain ...``: see :func:`spadkit.tasks.launch.run_pretrain`."""
+    """``spadkit pretrain ...`` and ``spadkit finetune ...``: see :func:`spadkit.tasks.launch.run_pretrain`."""
     from spadkit.tasks.launch import run_pretrain
 
     return run_pretrain(argv)
@@ -244,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="train the tokenizer or pretrain SPAD-ViT (LightningCLI; `spadkit pretrain --help`)",
     )
+    sub.add_parser(
+        "finetune",
+        add_help=False,
+        help="fine-tune a SPAD-UNETR or classifier (LightningCLI, the finetune_* configs; `spadkit finetune --help`)",
+    )
     from spadkit.active.command import add_parser as add_session_parser
 
     add_session_parser(sub)
@@ -271,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["pretrain"]:
+        if argv[:1] in (["pretrain"], ["finetune"]):  # LightningCLI parses its own arguments
             code = pretrain(argv[1:])
         else:
             args = build_parser().parse_args(argv)

@@ -145,6 +145,13 @@ def test_every_bundled_config_parses(config, capsys):
     assert "class_path: spadkit.tasks." in printed and "patch_multiple: spad\n" in printed
 
 
+def test_finetune_runs_the_lightning_launcher_on_a_finetune_config(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", "--config", "finetune_tiny", "--print_config"])
+    assert info.value.code == 0
+    assert "class_path: spadkit.tasks.SegFinetune" in capsys.readouterr().out
+
+
 class RecordingCallback(Callback):
     """A callback outside spadkit, for the import allowlist test."""
 
