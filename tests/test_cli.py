@@ -11,8 +11,8 @@ import pytest
 from lightning.pytorch import Callback
 
 from spadkit.cli import build_parser, main
-from spadkit.tasks.launch import CONFIG_DIR
 from spadkit.io import OMEZarrStore
+from spadkit.tasks.launch import CONFIG_DIR
 from tests.conftest import write_nifti_array
 
 SUBCOMMANDS = [[], ["catalog"], ["catalog", "list"], ["catalog", "show"], ["catalog", "validate"], ["ingest"], ["info"], ["check"], ["demo"], ["session"]]
