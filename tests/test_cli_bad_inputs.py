@@ -9,7 +9,6 @@ script, seconds faster); a few run the real command in a subprocess.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -25,17 +24,7 @@ from PIL import Image
 
 from spadkit.cli import main
 from spadkit.models import PretrainedCfg, create_model, save_pretrained
-from tests.conftest import write_nifti_array
-
-
-class _Hostile:
-    """Unpickling this runs a shell command that creates a marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from tests.conftest import HostilePickle, write_nifti_array
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +66,8 @@ def bad(tmp_path_factory) -> Path:
         shutil.copy(root / name / f"{name}.yaml", root / "cat_all")
     (root / "cat_all" / "folder.yaml").mkdir()
     # checkpoints and pretrained folders
-    torch.save({"state_dict": {}, "payload": _Hostile(root / "PWNED")}, root / "hostile.ckpt")
-    (root / "pickle.ckpt").write_bytes(pickle.dumps({"payload": _Hostile(root / "PWNED")}))
+    torch.save({"state_dict": {}, "payload": HostilePickle(root / "PWNED")}, root / "hostile.ckpt")
+    (root / "pickle.ckpt").write_bytes(pickle.dumps({"payload": HostilePickle(root / "PWNED")}))
     torch.save({"state_dict": {"w": torch.zeros(3)}}, root / "whole.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "this.Zen"}}, root / "hparams.ckpt")  # plain data naming code
     (root / "truncated.ckpt").write_bytes((root / "whole.ckpt").read_bytes()[:100])

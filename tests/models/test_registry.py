@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from spadkit.models import (
 from spadkit.models.classifier import SpadClassifier
 from spadkit.models.registry import CFG_FILE, WEIGHTS_FILE
 from spadkit.models.unetr import SpadUNETR
+from tests.conftest import HostilePickle
 
 # the three spacing kinds, on one set of weights: (shape (Z, Y, X), spacing (Z, Y, X) mm)
 VIT_INPUTS = {"iso": ((32, 32, 32), (1.0, 1.0, 1.0)), "aniso": ((8, 32, 32), (3.0, 0.75, 0.75)), "2d": ((1, 32, 32), (1.0, 1.0, 1.0))}
@@ -192,16 +192,6 @@ def test_missing_files_raise(saved_vit, tmp_path):
     assert CFG_FILE in str(info.value)
 
 
-class _Hostile:
-    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -209,11 +199,11 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
 def test_hostile_pickle_rejected(saved_vit, tmp_path, writer):
     proof = tmp_path / "proof"
-    pickle.loads(pickle.dumps(_Hostile(proof)))  # the payload really runs code when unpickled unsafely
+    pickle.loads(pickle.dumps(HostilePickle(proof)))  # the payload really runs code when unpickled unsafely
     assert proof.exists()
     marker = tmp_path / "pwned"
     weights = saved_vit / WEIGHTS_FILE
-    payload = {"patch_embed.weight": _Hostile(marker)}
+    payload = {"patch_embed.weight": HostilePickle(marker)}
     if writer == "pickle":
         weights.write_bytes(pickle.dumps(payload, protocol=2))
     else:
