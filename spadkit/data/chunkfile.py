@@ -30,6 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec
 
 from spadkit.errors import CorruptFileError, StoreError
+from spadkit.io.zarrstore import blosc_declared_size
 
 _LOST_FIX = "copy the store again, or re-ingest this case with `spadkit ingest --repair`."
 
@@ -101,8 +102,7 @@ class LocalChunkReader:
 
     def _decode(self, raw: memoryview, key: str, out: np.ndarray) -> None:
         if self._blosc:
-            header = bytes(raw[:16])
-            declared = int.from_bytes(header[12:16], "little") if len(raw) >= 16 and header[0] == 2 else None
+            declared = blosc_declared_size(raw)
             if len(raw) < 16 or (declared is not None and declared != len(raw)):  # shorter than a header: truncated
                 found = f"its Blosc header gives {declared} bytes" if declared is not None else "shorter than a Blosc header"
                 raise CorruptFileError(

@@ -129,10 +129,18 @@ def blosc_frame_problem(data: bytes | np.ndarray) -> str | None:
     of the header hold the frame's total size; byte 0 its format version (2).
     """
     raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray | memoryview) else data.view(np.uint8).reshape(-1)
-    if raw.size < 16 or raw[0] != 2:
+    declared = blosc_declared_size(raw)
+    if declared is None:
         return f"it is no Blosc frame ({raw.size} bytes)"
-    declared = int(raw[12:16].view("<u4")[0])
     return None if declared == raw.size else f"its Blosc header gives {declared} bytes, the file holds {raw.size}"
+
+
+def blosc_declared_size(data: bytes | bytearray | memoryview | np.ndarray) -> int | None:
+    """The total frame size (bytes) a Blosc 1 header declares, or None when ``data`` starts with no such header."""
+    header = bytes(memoryview(data)[:16]) if not isinstance(data, np.ndarray) else data[:16].tobytes()
+    if len(header) < 16 or header[0] != 2:
+        return None
+    return int.from_bytes(header[12:16], "little")
 
 
 def _replace_file(path: Path, data: bytes) -> None:
