@@ -7,11 +7,13 @@ toolkits.
 Example (in JupyterLab)::
 
     from spadkit.io import read_label, read_volume
-    from spadkit.notebook import SliceViewer
+    from spadkit.notebook import Annotator, SliceViewer
 
     SliceViewer(read_volume("t1.nii.gz"), label=read_label("seg.nii.gz"))
+    Annotator(session)          # correct slices of an AnnotationSession and learn from them
 """
 
+from spadkit.notebook.annotate import Annotator
 from spadkit.notebook.viewer import AXES, SliceViewer
 
-__all__ = ["AXES", "SliceViewer"]
+__all__ = ["AXES", "Annotator", "SliceViewer"]

@@ -61,6 +61,15 @@ def _read(array: Any, index: tuple) -> np.ndarray:
     return np.asarray(part.compute() if hasattr(part, "compute") else part)
 
 
+def show_png(figure: Figure, image: widgets.Image, dpi: int = 100) -> None:
+    """Render a matplotlib ``figure`` to PNG into ``image``, shown at 1:1 (never stretched)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    png = buffer.getvalue()
+    image.value = png
+    image.width = str(int.from_bytes(png[16:20], "big"))  # the PNG header's width in pixels
+
+
 def _in_memory_if_small(volume: Volume, max_memory_mb: float) -> Volume:
     """``volume`` read into memory when it is lazy and at most ``max_memory_mb`` MiB decoded, else unchanged."""
     nbytes = np.prod(volume.shape, dtype=np.float64) * volume.dtype.itemsize
@@ -144,7 +153,7 @@ class SliceViewer:
         self.ax = self.figure.add_subplot()
         self.image: Any = None  # matplotlib AxesImage of the grey-value plane
         self.overlay: Any = None  # AxesImage of the RGBA label overlay (None without a label)
-        self._hold = False
+        self._hold = 0  # depth of nested held() blocks; redraws wait until 0
 
         #: per channel: (lo, hi) auto window and (min, max) of the sampled voxels
         self._windows = [_sample_window(self.volume, c) for c in range(self.volume.num_channels)]
@@ -235,7 +244,13 @@ class SliceViewer:
         channel = 0 if which == "label" else self.channel
         index: list[Any] = [channel, slice(None), slice(None), slice(None)]
         index[1 + SLICED_AXIS[self.axis]] = self.index
-        plane = _read(source.array, tuple(index))
+        return self.to_screen(_read(source.array, tuple(index)))
+
+    def to_screen(self, plane: np.ndarray) -> np.ndarray:
+        """A slice of the canonical grid ``(rows, columns)`` in array order, flipped as the current view shows it.
+
+        The flips are their own inverse, so ``to_screen`` also maps a screen-ordered plane back to array order.
+        """
         # canonical grid: rows (S or A) grow upward -> flip; columns grow toward R (or A in sagittal).
         plane = plane[::-1]
         flip_columns = self.axis == "sagittal" or self.convention == "radiological"
@@ -272,16 +287,16 @@ class SliceViewer:
         world = "SAR"[SLICED_AXIS[self.axis]]
         last = self.volume.spatial_shape[SLICED_AXIS[self.axis]] - 1
         self.ax.set_title(f"{self.axis} {self.index}/{last}  {world} = {self.slice_position_mm:.1f} mm  ({self.convention})", fontsize=9)
+        self.draw_layers()
         rows, cols = plane.shape
         height = np.clip(self.width_in * rows * self.aspect / max(cols, 1), 1.5, 2 * self.width_in)
         title_in = 0.3
         self.figure.set_size_inches(self.width_in, height + title_in)
         self.figure.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=height / (height + title_in))
-        buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png", dpi=100)
-        png = buffer.getvalue()
-        self.image_widget.value = png
-        self.image_widget.width = str(int.from_bytes(png[16:20], "big"))  # PNG header: show at 1:1, never stretched
+        show_png(self.figure, self.image_widget)
+
+    def draw_layers(self) -> None:
+        """Draw extra layers on ``self.ax`` after the image and label overlay (a hook for subclasses; none here)."""
 
     def _legend(self) -> None:
         """Legend of the classes named in the label map's ``classes`` (background left out)."""
@@ -302,17 +317,18 @@ class SliceViewer:
             self.slice_slider.value = size // 2
 
     @contextmanager
-    def _held(self) -> Iterator[None]:
-        """Change several controls with one redraw at the end."""
-        self._hold = True
+    def held(self) -> Iterator[None]:
+        """Change several controls with one redraw at the end (blocks may nest: the outermost one redraws)."""
+        self._hold += 1
         try:
             yield
         finally:
-            self._hold = False
-        self.render()
+            self._hold -= 1
+        if not self._hold:
+            self.render()
 
     def _on_axis(self, change: Mapping[str, Any]) -> None:
-        with self._held():
+        with self.held():
             self._set_slice_range()
 
     def _on_change(self, change: Mapping[str, Any]) -> None:
@@ -321,6 +337,6 @@ class SliceViewer:
 
     def _on_auto(self, event: Any = None) -> None:
         (lo, hi), _ = self._windows[self.channel]
-        with self._held():
+        with self.held():
             self.window_slider.value = max(hi - lo, self.window_slider.min)
             self.level_slider.value = (lo + hi) / 2
