@@ -11,6 +11,7 @@ Layout of a store (a local folder or an fsspec URL such as ``s3://bucket/ds.zarr
           seg/                  NGFF image-label; its `datasets` point at the latest version
             v0001/0 v0001/1     every saved edit is a new version (time, author, message)
             v0002/0 ...
+            v0002/annotated     optional (z, y, x) uint8 mask: 1 = a person annotated the voxel
 
 Each case group carries ``attrs["spadkit"]`` with the full RAS affine, the
 original (pre-reorientation) affine, modality, intensity statistics and
@@ -27,6 +28,14 @@ returning zeros (:mod:`spadkit.io.zarrstore`).
 
 Store format 2 (this version) adds PUMIT's foreground ("body") intensity
 statistics and block-mode label pyramids; format-1 stores stay readable.
+
+A label version may record which voxels were *annotated* (reviewed by a
+person, partial supervision): the array ``annotated`` inside the version's
+folder, level 0 only, on the label's chunk grid. It is an ordinary Zarr array
+beside the NGFF ``datasets`` (which only list the levels), so NGFF readers
+(ome-zarr-py, napari-ome-zarr) see the label exactly as before. A version
+without it (every version of older stores, or saved with ``annotated=None``)
+is fully annotated; its entry says so (``"annotated": false``).
 
 Volumes are stored in canonical RAS orientation; NGFF has no orientation or
 rotation field, so ``coordinateTransformations`` hold the spacing and the
@@ -51,7 +60,15 @@ from ome_zarr.writer import write_multiscales_metadata
 
 from spadkit.errors import StoreError
 from spadkit.io.lock import LABEL_LOCK_TIMEOUT_S, store_lock
-from spadkit.io.pyramid import chunk_shape, datasets, level_affine, pyramid_factors, write_levels
+from spadkit.io.pyramid import (
+    chunk_shape,
+    create_array,
+    datasets,
+    level_affine,
+    pyramid_factors,
+    write_array,
+    write_levels,
+)
 from spadkit.io.zarrstore import LOST_CHUNK_FIX, open_store, run_sync
 from spadkit.volume import LabelVolume, Volume
 
@@ -64,6 +81,9 @@ NGFF = FormatV05()
 INGEST_LOCK = ".spadkit/ingest.lock"
 #: Stored dtype of label maps.
 LABEL_DTYPE = np.dtype(np.int32)
+
+#: Name of the annotated-mask array inside a label version's folder.
+ANNOTATED = "annotated"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RESERVED = {"labels", "zarr.json"}
@@ -93,6 +113,28 @@ def check_name(name: Any, what: str, url: str) -> None:
     """
     if not isinstance(name, str) or not _NAME.match(name) or name in _RESERVED:
         raise StoreError(f"invalid {what} {name!r}", path=url, fix="use letters, digits, '_', '.', '-' and start with a letter or digit.")
+
+
+def annotated_mask(annotated: Any, shape_zyx: tuple[int, int, int], where: str) -> np.ndarray | None:
+    """Check an annotated mask for a label of spatial shape ``shape_zyx``; ``(Z, Y, X)`` uint8 0/1, or None if fully annotated.
+
+    Raises:
+        StoreError: not ``(Z, Y, X)`` (or ``(1, Z, Y, X)``) of that shape, not bool or integer, or
+            integer values other than 0 and 1.
+    """
+    if annotated is None:
+        return None
+    mask = np.asarray(annotated)
+    if mask.ndim == 4 and mask.shape[0] == 1:
+        mask = mask[0]
+    fix_shape = f"pass a (Z, Y, X) = {tuple(shape_zyx)} mask of the label's voxels, True where a person annotated them (None: all)."
+    if mask.shape != tuple(shape_zyx):
+        raise StoreError(f"the annotated mask has shape {mask.shape}, the label's voxels {tuple(shape_zyx)}", path=where, fix=fix_shape)
+    if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
+        raise StoreError(f"the annotated mask has dtype {mask.dtype}, not bool or integer", path=where, fix="pass a bool mask (e.g. `probability > 0.5`).")
+    if mask.dtype != bool and mask.size and (mask.min() < 0 or mask.max() > 1):
+        raise StoreError(f"the annotated mask holds values {int(mask.min())}..{int(mask.max())}, not only 0 and 1", path=where, fix="pass `mask > 0` (1 = annotated).")
+    return None if mask.all() else mask.astype(np.uint8)
 
 
 def _case_status(raw: bytes | None) -> dict[str, Any] | str:
@@ -304,16 +346,28 @@ class OMEZarrStore:
         return list(group["labels"].attrs.get("ome", {}).get("labels", []))
 
     def label_versions(self, case_id: str, name: str = "seg") -> list[dict[str, Any]]:
-        """Saved versions of a label map, oldest first: ``{version, path, time, author, message}``."""
-        return list(self._label_group(case_id, name).attrs["spadkit"]["versions"])
+        """Saved versions of a label map, oldest first.
 
-    def read_label(self, case_id: str, name: str = "seg", version: int | None = None, level: int = 0) -> LabelVolume:
-        """A label map; the latest version unless ``version`` is given."""
-        group = self._label_group(case_id, name)
+        Each entry: ``version``, ``path``, ``time``, ``author``, ``message``,
+        ``annotated`` (True when the version stores an annotated mask, see
+        :meth:`read_annotated`) and what its save wrote: ``bytes_written``,
+        ``chunks_written``, ``chunks_shared`` (storage objects, all levels).
+        Entries of older stores lack the last four; ``annotated`` then reads False.
+        """
+        return [{"annotated": False, **entry} for entry in self._label_group(case_id, name).attrs["spadkit"]["versions"]]
+
+    def _version_entry(self, group: zarr.Group, case_id: str, name: str, version: int | None) -> dict[str, Any]:
+        """The metadata entry of one version of a label map (the latest for None)."""
         versions = group.attrs["spadkit"]["versions"]
         chosen = versions[-1] if version is None else next((v for v in versions if v["version"] == version), None)
         if chosen is None:
             raise StoreError(f"label {name!r} of {case_id} has no version {version}", path=self.url, fix=f"versions: {[v['version'] for v in versions]}.")
+        return chosen
+
+    def read_label(self, case_id: str, name: str = "seg", version: int | None = None, level: int = 0) -> LabelVolume:
+        """A label map; the latest version unless ``version`` is given."""
+        group = self._label_group(case_id, name)
+        chosen = self._version_entry(group, case_id, name, version)
         attrs = self.case_attrs(case_id)
         what = f"case {case_id} is marked complete but its label {name!r} version {chosen['version']}"
         array = self._level_array(group, f"{chosen['path']}/", level, len(attrs["pyramid_factors_zyx"]), what)
@@ -322,8 +376,48 @@ class OMEZarrStore:
         meta = {"source": f"{self.url}/{case_id}/labels/{name}", "case_id": case_id, "version": chosen["version"]}
         return LabelVolume(array, affine, classes=classes, meta=meta)
 
-    def save_label(self, case_id: str, label: LabelVolume, name: str = "seg", *, author: str | None = None, message: str = "") -> int:
+    def read_annotated(self, case_id: str, name: str = "seg", version: int | None = None) -> zarr.Array | None:
+        """The annotated mask of a label version: a lazy ``(Z, Y, X)`` uint8 array at level 0, 1 where
+        a person annotated the voxel; None when that version is fully annotated (older stores, or saved
+        without ``annotated=``). The latest version unless ``version`` is given.
+
+        Raises:
+            StoreError: no such case, label or version, or a mask the version records that is gone.
+        """
+        group = self._label_group(case_id, name)
+        chosen = self._version_entry(group, case_id, name, version)
+        if not chosen.get("annotated"):
+            return None
+        try:
+            return group[f"{chosen['path']}/{ANNOTATED}"]
+        except (KeyError, FileNotFoundError):
+            where = f"{self.url.rstrip('/')}/{group.path}/{chosen['path']}"
+            raise StoreError(f"label {name!r} version {chosen['version']} records an annotated mask that is missing", path=where, fix=LOST_CHUNK_FIX) from None
+
+    def save_label(
+        self,
+        case_id: str,
+        label: LabelVolume,
+        name: str = "seg",
+        *,
+        author: str | None = None,
+        message: str = "",
+        annotated: np.ndarray | None = None,
+        changed: tuple[slice, slice, slice] | None = None,
+    ) -> int:
         """Save ``label`` as a new version (it becomes the default); return its number.
+
+        Args:
+            case_id: a complete case of the store.
+            label: the whole label map ``(1, Z, Y, X)`` on the image's grid.
+            name: the label map (``"seg"``).
+            author: recorded with the version (default: the OS user).
+            message: recorded with the version.
+            annotated: ``(Z, Y, X)`` (or ``(1, Z, Y, X)``) bool or 0/1 integer mask of the voxels a
+                person annotated; the rest are unknown, never background. None (or all ones):
+                fully annotated.
+            changed: ``(z, y, x)`` slices of a box outside which ``label`` equals the latest version
+                (a hint that spares comparing the rest).
 
         Saves of one label map are serialised by a lock file (local stores), so two
         processes saving at once get two versions. The arrays are written under a new
@@ -332,14 +426,15 @@ class OMEZarrStore:
         interruption leaves the previous version in place and the store consistent.
 
         Raises:
-            StoreError: an invalid ``name``, or the lock is still held after
-                :data:`~spadkit.io.lock.LABEL_LOCK_TIMEOUT_S` seconds.
+            StoreError: an invalid ``name``, an ``annotated`` mask of the wrong shape or dtype, or
+                the lock is still held after :data:`~spadkit.io.lock.LABEL_LOCK_TIMEOUT_S` seconds.
             GeometryMismatchError: the label is not on the image's grid.
         """
         check_name(name, "label name", self.url)
         group = self._case(case_id)
         label.check_matches(self.read_image(case_id))
-        return self._write_label_version(case_id, group, name, label, author=author, message=message)
+        mask = annotated_mask(annotated, label.spatial_shape, f"{self.url.rstrip('/')}/{case_id}/labels/{name}")
+        return self._write_label_version(case_id, group, name, label, author=author, message=message, annotated=mask)
 
     def _label_group(self, case_id: str, name: str) -> zarr.Group:
         group = self._case(case_id)
@@ -357,6 +452,7 @@ class OMEZarrStore:
         author: str | None,
         message: str,
         factors: Any = None,
+        annotated: np.ndarray | None = None,
     ) -> int:
         check_name(name, "label name", self.url)
         if factors is None:
@@ -376,7 +472,17 @@ class OMEZarrStore:
             if prefix[:-1] in group:  # left by an interrupted save: never referenced, and we hold the lock
                 del group[prefix[:-1]]
             write_levels(group, prefix, label.numpy(), factors, label.spacing, dtype=LABEL_DTYPE, label=True, sharded=self.sharded)
-            entry = {"version": number, "path": prefix[:-1], "time": now_iso(), "author": author or getpass.getuser(), "message": message}
+            if annotated is not None:
+                chunks = chunk_shape(label.spatial_shape, label.spacing)[1:]
+                write_array(create_array(group, f"{prefix}{ANNOTATED}", annotated.shape, chunks, dtype=np.dtype(np.uint8), sharded=self.sharded), annotated)
+            entry = {
+                "version": number,
+                "path": prefix[:-1],
+                "time": now_iso(),
+                "author": author or getpass.getuser(),
+                "message": message,
+                "annotated": annotated is not None,
+            }
             multiscale = {"name": name, "axes": _AXES, "datasets": datasets(prefix, factors, label.spacing, label.origin[::-1])}
             properties = [{"label-value": k, "name": v} for k, v in sorted(classes.items())]
             group.attrs.put(

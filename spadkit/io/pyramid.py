@@ -140,6 +140,38 @@ def datasets(prefix: str, factors: Sequence[Sequence[int]], spacing: Sequence[fl
     return out
 
 
+def create_array(group: zarr.Group, path: str, shape: Sequence[int], chunks: Sequence[int], *, dtype: np.dtype, sharded: bool) -> zarr.Array:
+    """Create (replacing) the array ``path`` of ``group`` as the store keeps every array: blosc-lz4,
+    fill 0, every chunk written; axes ``(c, z, y, x)`` (or the last ``len(shape)`` of them).
+
+    ``chunks`` are clamped to ``shape``. A sharded array is one shard per array (``sharded``).
+    """
+    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    shards = tuple(math.ceil(s / c) * c for s, c in zip(shape, chunks)) if sharded else None
+    return group.create_array(
+        path,
+        shape=tuple(shape),
+        dtype=dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=[COMPRESSOR],
+        dimension_names=("c", "z", "y", "x")[-len(shape) :],
+        fill_value=0,
+        overwrite=True,
+        # Every chunk is written, even all-fill ones: a chunk file missing later
+        # then means the store lost data (readers check), not "all background".
+        config={"write_empty_chunks": True},
+    )
+
+
+def write_array(array: zarr.Array, data: np.ndarray) -> None:
+    """Write all of ``data`` into ``array`` in slabs of whole storage objects along axis -3 (Z), cast per slab."""
+    rows, axis = (array.shards or array.chunks)[-3], array.ndim - 3
+    for z0 in range(0, array.shape[axis], rows):
+        slab = (slice(None),) * axis + (slice(z0, z0 + rows),)
+        array[slab] = np.asarray(data[slab], dtype=array.dtype)
+
+
 def write_levels(
     group: zarr.Group,
     prefix: str,
@@ -162,25 +194,7 @@ def write_levels(
         if level:
             step = [f // p for f, p in zip(factor, factors[level - 1])]
             level_data = downsample(level_data, step, label=label)
-        level_chunks = tuple(min(c, s) for c, s in zip(chunks, level_data.shape))
-        shards = tuple(math.ceil(s / c) * c for s, c in zip(level_data.shape, level_chunks)) if sharded else None
-        array = group.create_array(
-            f"{prefix}{level}",
-            shape=level_data.shape,
-            dtype=dtype,
-            chunks=level_chunks,
-            shards=shards,
-            compressors=[COMPRESSOR],
-            dimension_names=("c", "z", "y", "x"),
-            fill_value=0,
-            overwrite=True,
-            # Every chunk is written, even all-fill ones: a chunk file missing later
-            # then means the store lost data (readers check), not "all background".
-            config={"write_empty_chunks": True},
-        )
-        rows = (shards or level_chunks)[1]
-        for z0 in range(0, level_data.shape[1], rows):
-            array[:, z0 : z0 + rows] = np.asarray(level_data[:, z0 : z0 + rows], dtype=dtype)
+        write_array(create_array(group, f"{prefix}{level}", level_data.shape, chunks, dtype=dtype, sharded=sharded), level_data)
 
 
 def level_affine(affine0: np.ndarray, factor_zyx: Sequence[int]) -> np.ndarray:
