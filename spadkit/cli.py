@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune a SPAD-UNETR or classifier (LightningCLI, the finetune_* configs; `spadkit finetune --help`)",
     )
     from spadkit.active.command import add_parser as add_session_parser
+    from spadkit.predict_command import add_parser as add_predict_parser
 
+    add_predict_parser(sub)
     add_session_parser(sub)
     return parser
 

@@ -16,8 +16,11 @@ e.g. SPAD-UNETR) over a ``(C, Z, Y, X)`` image of any spacing:
 * ``region`` predicts only a box (e.g. a slab of slices around the one on screen): it
   uses exactly the windows, weights and order of a full prediction that touch the
   box, so it equals the same box of a full prediction;
-* outputs: class probabilities, the label map (argmax) and the predictive entropy
-  (nats; 0 = certain, ``log K`` = uniform), averaged over flips when ``flips`` is set.
+* outputs: class probabilities, the label map (argmax) and an uncertainty map: the
+  predictive entropy (nats; 0 = certain, ``log K`` = uniform), the variance over
+  test-time flips, or the variance over Monte-Carlo dropout samples (dropout layers
+  kept active, each window's samples seeded by its position so that a region still
+  equals the same box of a full prediction).
 
 Images must be normalised as the model was trained (``pretrained_cfg.intensity``).
 """
@@ -56,10 +59,10 @@ class Prediction:
     Attributes:
         probs: ``(K, z, y, x)`` float32 class probabilities.
         labels: ``(z, y, x)`` uint8/int32 argmax.
-        uncertainty: ``(z, y, x)`` float32: predictive entropy in nats, or the flip variance.
+        uncertainty: ``(z, y, x)`` float32: predictive entropy in nats, or the flip / MC-dropout variance.
         region: the box predicted, as slices of the full ``(Z, Y, X)`` grid.
         windows: how many windows were run (per flip).
-        uncertainty_kind: ``"entropy"`` or ``"flip_variance"``.
+        uncertainty_kind: ``"entropy"``, ``"flip_variance"`` or ``"mc_dropout"`` (a variance too).
     """
 
     probs: Any
@@ -131,18 +134,41 @@ def _to_probs(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=1)
 
 
-def _flip_averaged(model: Callable[..., torch.Tensor], batch: torch.Tensor, spacing: torch.Tensor, flip_sets: Sequence[tuple[int, ...]], variance: bool) -> torch.Tensor:
-    """Mean probabilities ``(B, K, z, y, x)`` over the flips (each prediction flipped back); with ``variance``,
-    one more channel: the variance over the flips, averaged over classes."""
+def _flip_runs(model: Callable[..., torch.Tensor], batch: torch.Tensor, spacing: torch.Tensor, flip_sets: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Probabilities ``(B, K, z, y, x)`` of each flip of the batch, each flipped back."""
     runs = []
     for axes in flip_sets:
         dims = [2 + a for a in axes]
         runs.append((_to_probs(model(batch.flip(dims), spacing)).flip(dims) if dims else _to_probs(model(batch, spacing))).float())
+    return runs
+
+
+def _mc_runs(model: Callable[..., torch.Tensor], batch: torch.Tensor, spacing: torch.Tensor, flip_sets: Sequence[tuple[int, ...]], corners: Sequence[Sequence[int]], samples: int, seed: int) -> list[torch.Tensor]:
+    """``samples`` stochastic passes (each over the flips), every window on its own RNG stream seeded by
+    ``seed`` and its corner, so its dropout masks do not depend on which other windows share the batch."""
+    per_window = []
+    for window, corner in zip(batch, corners):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((seed, *corner)) & 0x7FFF_FFFF)
+            per_window.append([run for _ in range(samples) for run in _flip_runs(model, window[None], spacing, flip_sets)])
+    return [torch.cat(runs) for runs in zip(*per_window)]
+
+
+def _averaged(runs: Sequence[torch.Tensor], variance: bool) -> torch.Tensor:
+    """Mean probabilities ``(B, K, z, y, x)`` over the runs; with ``variance``, one more channel: the
+    variance over the runs, averaged over classes."""
     mean = sum(runs) / len(runs)
     if not variance:
         return mean
     spread = sum((r - mean) ** 2 for r in runs) / len(runs)
     return torch.cat([mean, spread.mean(dim=1, keepdim=True)], dim=1)
+
+
+def _dropout_layers(model: Any) -> list[nn.Module]:
+    """The model's dropout modules with a rate above 0 (what Monte-Carlo dropout samples)."""
+    if not isinstance(model, nn.Module):
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
 
 
 def _check_model_input(model: nn.Module, channels: int) -> None:
@@ -163,7 +189,9 @@ def predict(
     window: Sequence[int] | None = None,
     overlap: float = 0.25,
     flips: bool | Iterable[Sequence[int]] = (),
-    uncertainty: Literal["entropy", "flip_variance"] = "entropy",
+    uncertainty: Literal["entropy", "flip_variance", "mc_dropout"] = "entropy",
+    mc_samples: int = 8,
+    seed: int = 0,
     region: Sequence[slice] | None = None,
     batch_size: int = 1,
     out: Mapping[str, Any] | None = None,
@@ -179,9 +207,14 @@ def predict(
         window: voxels ``(z, y, x)``, multiples of the patch (default :func:`default_window`).
         overlap: share of a window overlapping its neighbour, in ``[0, 1)``.
         flips: test-time flips, e.g. ``[(2,), (1,)]`` (axes 0=Z, 1=Y, 2=X), or ``True`` for all.
-        uncertainty: ``"entropy"`` (predictive entropy of the blended probabilities, nats) or
+        uncertainty: ``"entropy"`` (predictive entropy of the blended probabilities, nats),
             ``"flip_variance"`` (variance of the probabilities over the flips, averaged over
-            classes, blended like them; needs ``flips``).
+            classes, blended like them; needs ``flips``) or ``"mc_dropout"`` (the same variance
+            over ``mc_samples`` passes with the model's dropout active; needs dropout > 0, e.g.
+            ``create_model("spad_unetr_small", dropout=0.1)``). The probabilities are the mean
+            over all passes.
+        mc_samples: stochastic passes per window for ``"mc_dropout"``.
+        seed: seeds the Monte-Carlo dropout masks (with each window's position).
         region: ``(z, y, x)`` slices to predict (default: everything).
         batch_size: windows per forward pass.
         out: arrays to write into (``probs`` ``(K, Z, Y, X)``, ``labels`` and ``uncertainty``
@@ -205,14 +238,22 @@ def predict(
         raise SpadkitError(f"window {window} is not a multiple of the patch {patch} at spacing {spacing}", fix=f"use window={rounded}.")
     box = _region(region, shape)
     flip_sets = _flip_sets(flips, shape[0])
-    if uncertainty not in ("entropy", "flip_variance") or (uncertainty == "flip_variance" and len(flip_sets) < 2):
-        raise SpadkitError(f"uncertainty={uncertainty!r} with flips={flips!r}", fix="use uncertainty='entropy', or 'flip_variance' with flips=True (or a list of flips).")
-    variance = uncertainty == "flip_variance"
+    if uncertainty not in ("entropy", "flip_variance", "mc_dropout") or (uncertainty == "flip_variance" and len(flip_sets) < 2):
+        raise SpadkitError(f"uncertainty={uncertainty!r} with flips={flips!r}", fix="use uncertainty='entropy', 'mc_dropout', or 'flip_variance' with flips=True (or a list of flips).")
+    dropout = _dropout_layers(model) if uncertainty == "mc_dropout" else []
+    if uncertainty == "mc_dropout" and (not dropout or mc_samples < 2):
+        raise SpadkitError(
+            f"uncertainty='mc_dropout' needs dropout layers and mc_samples >= 2 (found {len(dropout)} dropout layers, mc_samples={mc_samples})",
+            fix="build the model with dropout, e.g. create_model('spad_unetr_small', dropout=0.1) (spadkit predict --mc-dropout 0.1), and mc_samples >= 2.",
+        )
+    variance = uncertainty != "entropy"
     starts = [window_starts(n, w, overlap) for n, w in zip(shape, window)]
     touching = [[s for s in axis if s < b.stop and s + w > b.start] for axis, b, w in zip(starts, box, window)]
     weights = importance_map(window).to(device)
     if isinstance(model, nn.Module):
         model.eval()
+    for layer in dropout:
+        layer.train()
     spacing_t = torch.tensor(spacing, dtype=torch.float32)
     writer = _Writer(out, box, variance)
     total = len(touching[0]) * len(touching[1]) * len(touching[2])
@@ -222,7 +263,8 @@ def predict(
         for i in range(0, len(planes), batch_size):
             corners = planes[i : i + batch_size]
             batch = torch.stack([_read_window(array, [slice(c, c + w) for c, w in zip(corner, window)], window) for corner in corners]).to(device)
-            probs = _flip_averaged(model, batch, spacing_t, flip_sets, variance) * weights
+            runs = _mc_runs(model, batch, spacing_t, flip_sets, corners, mc_samples, seed) if dropout else _flip_runs(model, batch, spacing_t, flip_sets)
+            probs = _averaged(runs, variance) * weights
             for corner, p in zip(corners, probs.cpu()):
                 writer.add(p, corner, weights.cpu())
             done += len(corners)
@@ -230,6 +272,8 @@ def predict(
                 progress(done, total)
         next_z = touching[0][zi + 1] if zi + 1 < len(touching[0]) else box[0].stop
         writer.flush(until=next_z)
+    for layer in dropout:
+        layer.eval()
     return Prediction(*writer.outputs(), region=box, windows=total, uncertainty_kind=uncertainty)
 
 

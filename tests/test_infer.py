@@ -28,12 +28,7 @@ from tests.mni_gm import mni_crop
 ISO = (1.0, 1.0, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +164,23 @@ def test_flip_variance_uncertainty(model, image):
     assert out.uncertainty.max() > 0 and out.uncertainty_kind == "flip_variance"
     with pytest.raises(SpadkitError, match="flips=True"):
         predict(model, crop, ISO, uncertainty="flip_variance")
+
+
+def test_mc_dropout_uncertainty_is_reproducible_per_window(model, image):
+    torch.manual_seed(0)
+    noisy = create_model("spad_unetr_test", num_classes=3, dropout=0.3).eval()
+    crop = image[:, :16, :32, :48]  # two windows along X
+    settings = {"window": (16, 32, 32), "uncertainty": "mc_dropout", "mc_samples": 4}
+    full = predict(noisy, crop, ISO, **settings)
+    assert full.uncertainty_kind == "mc_dropout" and full.uncertainty.max() > 0 and not noisy.dropout.training
+    np.testing.assert_allclose(predict(noisy, crop, ISO, batch_size=2, **settings).probs, full.probs, atol=1e-6)
+    part = predict(noisy, crop, ISO, region=(slice(None), slice(None), slice(30, 40)), **settings)
+    np.testing.assert_allclose(part.probs, full.probs[..., 30:40], atol=1e-6)
+    deterministic = predict(noisy, crop, ISO, window=(16, 32, 32))
+    assert not np.allclose(deterministic.probs, full.probs, atol=1e-3)
+    assert not np.allclose(predict(noisy, crop, ISO, seed=1, **settings).probs, full.probs, atol=1e-3)
+    with pytest.raises(SpadkitError, match="dropout=0.1"):
+        predict(model, crop, ISO, **settings)
 
 
 def test_anisotropic_and_2d_inputs_keep_their_grid(model, image):

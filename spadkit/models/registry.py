@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 import json
 import os
 import re
@@ -176,6 +177,8 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **kwarg
     """
     if name not in _REGISTRY:
         raise SpadkitError(f"unknown model {name!r}", fix=f"registered models: {', '.join(list_models())}.")
+    if pretrained is not None:
+        kwargs = {**saved_model_args(name, pretrained), **kwargs}
     check_model_args(name, kwargs)
     try:
         with torch.device("meta"):
@@ -207,6 +210,18 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, **kwarg
             ) from error
     model.pretrained_cfg = PretrainedCfg(architecture=name, in_chans=getattr(model, "in_chans", 1)) if pretrained is None else cfg
     return model
+
+
+def saved_model_args(name: str, directory: str | os.PathLike) -> dict[str, Any]:
+    """The constructor arguments a ``save_pretrained`` folder implies for ``name``: its ``in_chans``, and the
+    ``num_classes`` a fine-tune recorded in ``provenance``, for the architectures that take them."""
+    cfg_file = Path(directory) / CFG_FILE
+    if not cfg_file.is_file():
+        raise SpadkitError("missing pretrained file", path=cfg_file, fix="point at a folder written by spadkit.models.save_pretrained.")
+    cfg = PretrainedCfg.from_json(cfg_file.read_text(), cfg_file)
+    accepted = inspect.signature(_REGISTRY[name]).parameters
+    saved = {"in_chans": cfg.in_chans, "num_classes": cfg.provenance.get("num_classes")}
+    return {key: value for key, value in saved.items() if value is not None and key in accepted}
 
 
 def save_pretrained(model: nn.Module, cfg: PretrainedCfg, directory: str | os.PathLike) -> Path:

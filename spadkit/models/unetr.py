@@ -133,15 +133,19 @@ class SpadUNETR(nn.Module):
         backbone: the encoder (its ``in_chans`` is the model's).
         num_classes: output channels (logits; background is a class).
         feature_size: channels at full resolution; 2x, 4x, 8x at levels 1, 2, 3 (UNETR's 16 for ViT-B).
+        dropout: channel dropout (``nn.Dropout3d``) before the voxel classifier; > 0 also enables
+            Monte-Carlo dropout uncertainty in :func:`spadkit.infer.predict`.
 
     Shapes: ``forward(x (B, C, Z, Y, X), spacing (B, 3) or (3,) mm) -> (B, num_classes, Z, Y, X)``;
     ``Z, Y, X`` multiples of the patch :func:`~spadkit.models.patch_shape` of the batch's level.
     """
 
-    def __init__(self, backbone: SpadViT, num_classes: int = 2, feature_size: int = 16):
+    def __init__(self, backbone: SpadViT, num_classes: int = 2, feature_size: int = 16, dropout: float = 0.0):
         super().__init__()
         if num_classes < 1:
             raise SpadkitError(f"num_classes must be >= 1, got {num_classes}", fix="count the background as a class: 2 for a binary mask.")
+        if not 0.0 <= dropout < 1.0:
+            raise SpadkitError(f"dropout must lie in [0, 1), got {dropout}", fix="use e.g. dropout=0.1 (0 disables it).")
         self.backbone = backbone
         self.in_chans, self.num_classes, self.feature_size = backbone.in_chans, num_classes, feature_size
         self.skip_indices = skip_indices(len(backbone.blocks))
@@ -154,6 +158,7 @@ class SpadUNETR(nn.Module):
         self.decoder2 = UpBlock(8 * f, 4 * f, level=3)
         self.decoder1 = UpBlock(4 * f, 2 * f, level=2)
         self.decoder0 = UpBlock(2 * f, f, level=1)
+        self.dropout = nn.Dropout3d(dropout)
         self.head = nn.Conv3d(f, num_classes, 1)
 
     def forward(self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -165,7 +170,7 @@ class SpadUNETR(nn.Module):
         d = self.decoder3(z4, e3, level)
         d = self.decoder2(d, e2, level)
         d = self.decoder1(d, e1, level)
-        return self.head(self.decoder0(d, e0, level))
+        return self.head(self.dropout(self.decoder0(d, e0, level)))
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -181,9 +186,11 @@ FEATURE_SIZES = {"spad_vit_test": 8, "spad_vit_small": 16, "spad_vit_base": 16}
 
 
 def _register(name: str, vit: str) -> None:
-    def build(num_classes: int = 2, in_chans: int = 1, backbone: str | os.PathLike | None = None, feature_size: int | None = None, **kwargs: Any) -> SpadUNETR:
+    def build(
+        num_classes: int = 2, in_chans: int = 1, backbone: str | os.PathLike | None = None, feature_size: int | None = None, dropout: float = 0.0, **kwargs: Any
+    ) -> SpadUNETR:
         encoder = load_backbone(vit, backbone, in_chans, **kwargs)
-        return SpadUNETR(encoder, num_classes=num_classes, feature_size=feature_size or FEATURE_SIZES[vit])
+        return SpadUNETR(encoder, num_classes=num_classes, feature_size=feature_size or FEATURE_SIZES[vit], dropout=dropout)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"SPAD-UNETR on ``{vit}``; ``backbone``: a pretrained ViT folder (``save_pretrained`` output)."
