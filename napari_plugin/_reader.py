@@ -115,16 +115,21 @@ def _read_store(url: str, case_id: str | None, path: str | list[str]) -> list[La
 
 def case_layers(store: OMEZarrStore, case_id: str) -> list[LayerData]:
     """The image (multiscale over the pyramid levels) and every label map (latest version) of a case."""
-    attrs = store.case_attrs(case_id)
-    levels = [da.from_zarr(store.read_image(case_id, level).array) for level in range(len(attrs["pyramid_factors_zyx"]))]
-    image = store.read_image(case_id)
     info = {"store": store.url, "case": case_id}
-    layers = [image_layer(image, case_id, info, levels=levels, contrast=_contrast_limits(attrs))]
+    layers = [case_image_layer(store, case_id)]
     for name in store.label_names(case_id):
         label = store.read_label(case_id, name)
         version = label.meta["version"]
         layers.append(label_layer(label, f"{name} v{version}", {**info, "label": name, "version": version}))
     return layers
+
+
+def case_image_layer(store: OMEZarrStore, case_id: str) -> LayerData:
+    """The case's image as a lazy multiscale layer over its pyramid levels, named after the case."""
+    attrs = store.case_attrs(case_id)
+    levels = [da.from_zarr(store.read_image(case_id, level).array) for level in range(len(attrs["pyramid_factors_zyx"]))]
+    info = {"store": store.url, "case": case_id}
+    return image_layer(store.read_image(case_id), case_id, info, levels=levels, contrast=_contrast_limits(attrs))
 
 
 def _contrast_limits(attrs: dict[str, Any]) -> list[list[float]] | None:
