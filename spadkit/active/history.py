@@ -152,15 +152,18 @@ def replay(versions: Sequence[Mapping[str, Any]]) -> Log:
 
 
 def annotated_mask(store: Any, case_id: str, name: str = "seg", version: int | None = None) -> np.ndarray | None:
-    """``(Z, Y, X)`` bool voxels a person reviewed in a label version (latest by default), read from its record.
+    """``(Z, Y, X)`` bool voxels a person reviewed in a label version (latest by default).
 
-    Returns None for a version no session wrote (ingested or predicted labels: the caller decides
-    whether they count as fully annotated). This is the mask fine-tuning should pass as
-    ``batch["annotated"]``: voxels outside it are unknown, never background.
+    Read from the store's annotated mask of the version (``read_annotated``), else from the session
+    record (versions saved before stores kept masks). Returns None for a version no session wrote
+    (ingested or predicted labels: the caller decides whether they count as fully annotated). This
+    is the mask fine-tuning should pass as ``batch["annotated"]``: voxels outside it are unknown,
+    never background.
     """
     versions = store.label_versions(case_id, name)
     chosen = versions[-1] if version is None else next((v for v in versions if v["version"] == version), None)
     record = None if chosen is None else decode(str(chosen.get("message", "")))
     if record is None:
         return None
-    return region_mask(record.get("annotated", []), store.read_image(case_id).spatial_shape)
+    stored = store.read_annotated(case_id, name, chosen["version"])
+    return region_mask(record.get("annotated", []), store.read_image(case_id).spatial_shape) if stored is None else np.asarray(stored[...], bool)

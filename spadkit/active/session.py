@@ -9,6 +9,8 @@ The same object serves the napari plugin, the notebooks and the CLI (no GUI impo
     rnd.prediction                                        # the visible region, re-predicted
     session.undo(); session.redo(); session.history()
     session = AnnotationSession.resume(store, "brain")    # after a crash
+    job = session.start_finetune(max_steps=200)           # full learning, in another process
+    job.progress(); job.cancel(); session.poll_finetune() # see spadkit.active.finetune
 
 Order of a submission: the mask is checked, the label version is saved through
 ``OMEZarrStore.save_label`` (its record, see :mod:`spadkit.active.history`, is in
@@ -17,7 +19,9 @@ the same atomic metadata write), and only then the light head
 *training* item and the visible region re-predicted. Every
 :data:`~spadkit.active.history.VALIDATION_EVERY`-th new item is kept for
 validation instead (fixed once, never reshuffled); its Dice is reported per round.
-Quality signals and timings per round go to ``session.json`` (derived data).
+Quality signals and timings per round, and every fine-tune's decision, go to ``session.json``
+(derived data). The store itself records each version's annotated voxels
+(``save_label(annotated=...)``, read back by :attr:`AnnotationSession.annotated`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -37,6 +42,8 @@ import torch
 from torch import nn
 
 from spadkit.active import features_cache as cache
+from spadkit.active import finetune
+from spadkit.active.finetune import FinetuneJob, FinetuneResult
 from spadkit.active.history import (
     AXIS_NAMES,
     Log,
@@ -52,7 +59,7 @@ from spadkit.active.suggest import Suggestion, rank_slices
 from spadkit.atomic import atomic_path
 from spadkit.errors import SpadkitError, StoreError
 from spadkit.io.omezarr import check_name
-from spadkit.models.light_head import LightHead, fit_light_head, predict_light_head
+from spadkit.models.light_head import LightHead, VoxelFeatures, fit_light_head, predict_light_head
 from spadkit.models.unetr import SpadUNETR
 from spadkit.volume import LabelVolume
 
@@ -91,14 +98,17 @@ class Round:
 
 
 def load_saved_model(folder: str | Path) -> nn.Module:
-    """The model in a ``save_pretrained`` folder, built from the architecture its ``pretrained_cfg.json`` names."""
+    """The model in a ``save_pretrained`` folder, built from the architecture its ``pretrained_cfg.json`` names
+    (with the class count its provenance records, for fine-tuned segmenters)."""
     from spadkit.models import create_model
     from spadkit.models.registry import CFG_FILE, PretrainedCfg
 
     cfg_file = Path(folder) / CFG_FILE
     if not cfg_file.is_file():
         raise SpadkitError("not a save_pretrained folder", path=folder, fix="point at a folder with model.pt and pretrained_cfg.json.")
-    return create_model(PretrainedCfg.from_json(cfg_file.read_text(), cfg_file).architecture, pretrained=str(folder))
+    cfg = PretrainedCfg.from_json(cfg_file.read_text(), cfg_file)
+    kwargs = {"num_classes": int(cfg.provenance["num_classes"])} if "num_classes" in cfg.provenance else {}
+    return create_model(cfg.architecture, pretrained=str(folder), **kwargs)
 
 
 @contextlib.contextmanager
@@ -188,7 +198,9 @@ class AnnotationSession:
         t_features = time.perf_counter()
         self.features, from_cache = cache.load_or_extract(store, case_id, model, self.image, self.spacing, self.backbone_version)
         self.startup = {"features_s": time.perf_counter() - t_features, "features_from_cache": from_cache}
-        self._rounds = self._read_state().get("rounds", [])
+        state = self._read_state()
+        self._rounds, self._finetunes = state.get("rounds", []), state.get("finetunes", [])
+        self._job: FinetuneJob | None = None
         self.visible: Box | None = None
         self._shown: SessionPrediction | None = None
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # torch imports its optimiser machinery once (seconds)
@@ -196,6 +208,7 @@ class AnnotationSession:
         if self.store.mode != "r":
             self._save_model()
             self._write_state()
+            finetune.clean_stale_jobs(self.folder)
         self.startup["total_s"] = time.perf_counter() - start
 
     # ------------------------------------------------------------------ resume and state
@@ -230,7 +243,7 @@ class AnnotationSession:
             return {}
 
     def _write_state(self) -> None:
-        state = {"model": self.backbone_version, "num_classes": self.num_classes, "label": self.label_name, "rounds": self._rounds}
+        state = {"model": self.backbone_version, "num_classes": self.num_classes, "label": self.label_name, "rounds": self._rounds, "finetunes": self._finetunes}
         with atomic_path(self.folder / "session.json") as tmp:
             Path(tmp).write_text(json.dumps(state, indent=1))
 
@@ -264,13 +277,22 @@ class AnnotationSession:
         """The version of what predicts now: the backbone hash, plus the head's fitting version."""
         return self.backbone_version if self.head is None else f"{self.backbone_version}/head@v{self._head_version}"
 
+    @property
+    def state_version(self) -> int:
+        """The label version the session's state (label, items, head) corresponds to (0: none yet)."""
+        return self._state_version
+
     def _fit(self) -> None:
-        train = region_mask(self.items, self.shape, "train")
-        self.head: LightHead | None = None
+        self.head = self._fit_head(self.features)
         self._head_version = self._state_version
-        if train.any():
-            with torch_threads(self.head_threads):
-                self.head = fit_light_head(self.features, self._label, train, num_classes=self.num_classes, **self.fit_settings)
+
+    def _fit_head(self, features: VoxelFeatures) -> LightHead | None:
+        """A light head on ``features`` of the training items (None without any)."""
+        train = region_mask(self.items, self.shape, "train")
+        if not train.any():
+            return None
+        with torch_threads(self.head_threads):
+            return fit_light_head(features, self._label, train, num_classes=self.num_classes, **self.fit_settings)
 
     def _box(self, region: Sequence[slice | int] | None) -> Box:
         parts = list(region or ())
@@ -386,11 +408,17 @@ class AnnotationSession:
         }
         label = self._label.copy()
         label[box] = values
-        return self._commit(label, record, start)
+        return self._commit(label, record, start, changed=box if self._state_version == self.log.latest else None)
 
-    def _commit(self, label: np.ndarray, record: dict[str, Any], start: float) -> Round:
-        """Save the version first; then update the state, refit, re-predict and measure."""
-        version = self.store.save_label(self.case_id, LabelVolume(label, self.affine), self.label_name, author=self.author, message=encode(record))
+    def _commit(self, label: np.ndarray, record: dict[str, Any], start: float, changed: Box | None = None) -> Round:
+        """Save the version (with its annotated voxels) first; then update the state, refit, re-predict and measure.
+
+        ``changed``: a box outside which ``label`` equals the current version (spares the store comparing the rest).
+        """
+        annotated = region_mask(record["annotated"], self.shape)
+        version = self.store.save_label(
+            self.case_id, LabelVolume(label, self.affine), self.label_name, author=self.author, message=encode(record), annotated=annotated, changed=changed
+        )
         t_save = time.perf_counter()
         self._label, self._state_version, self.items = label, version, record["annotated"]
         self.log = replay(self.store.label_versions(self.case_id, self.label_name))
@@ -414,12 +442,108 @@ class AnnotationSession:
 
     def validation_dice(self) -> float | None:
         """Dice of the current head on the validation items (pooled voxels), None without a head or items."""
+        return self._head_dice(self.head, self.features)
+
+    def _head_dice(self, head: LightHead | None, features: VoxelFeatures) -> float | None:
         boxes = [item_box(i, self.shape) for i in self.items if i.get("split") == "validation"]
-        if self.head is None or not boxes:
+        if head is None or not boxes:
             return None
         with torch_threads(self.head_threads):
-            pred = np.concatenate([predict_light_head(self.head, self.features, b).argmax(0).numpy().ravel() for b in boxes])
+            pred = np.concatenate([predict_light_head(head, features, b).argmax(0).numpy().ravel() for b in boxes])
         return dice(pred, np.concatenate([self._label[b].ravel() for b in boxes]), self.num_classes)
+
+    # ------------------------------------------------------------------ full learning (spadkit.active.finetune)
+    def start_finetune(
+        self,
+        *,
+        max_steps: int = 200,
+        device: str | None = None,
+        lr: float = finetune.LR,
+        crop_tokens: int = 4,
+        threads: int | None = None,
+        seed: int = 0,
+        score_network: bool = False,
+    ) -> FinetuneJob:
+        """Fine-tune backbone and decoder (a SPAD-UNETR) on the corrections so far, in a separate process.
+
+        The child reads the corrections of the current version from the store, never from this process;
+        this call returns at once. Follow it with ``job.progress()``, stop it with ``job.cancel()``, and call
+        :meth:`poll_finetune` (e.g. from a GUI timer) or ``job.wait()`` to score and maybe swap it in.
+
+        Args:
+            max_steps: optimiser steps, each on 2 random crops that cross a training correction.
+            device: ``"cuda"``, ``"cuda:1"``, ``"cpu"`` (default: the GPU when there is one).
+            lr: AdamW learning rate (layer-wise decay as in :class:`~spadkit.tasks.finetune.SegFinetune`).
+            crop_tokens: crop edge in tokens (4: 64 voxels at 1 mm; less where the image is smaller).
+            threads: torch threads of the child (default: every core but one).
+            seed: crops and initialisation of a new decoder.
+            score_network: also measure the fine-tuned network alone (sliding window) on the validation
+                items, in the child (``FinetuneResult.network_validation_dice``; costs a prediction per item).
+
+        Raises:
+            StoreError: a read-only store.
+            SpadkitError: a fine-tune is running already, no training or no validation correction yet,
+                a model with no SPAD-UNETR variant, a bad ``max_steps`` or ``device``.
+        """
+        self._check_writable()
+        if self._job is not None and self._job.running:
+            raise SpadkitError(f"fine-tune {self._job.id} is still running", fix="wait for it (job.wait()) or cancel it (job.cancel()) first.")
+        self._job = finetune.start(self, max_steps=max_steps, device=device, lr=lr, crop_tokens=crop_tokens, threads=threads, seed=seed, score_network=score_network)
+        return self._job
+
+    def poll_finetune(self) -> FinetuneResult | None:
+        """When the running fine-tune has ended: score it, swap it in if better, record it; else None.
+
+        Returns the result once per job (None while it runs, and after its result was returned).
+        """
+        job = self._job
+        if job is None or job.result is not None or job.running:
+            return None
+        info, weights = finetune.outcome(job)
+        before, after, kept = self.validation_dice(), None, None
+        reason = str(info.get("reason", ""))
+        if weights is not None:
+            model = load_saved_model(weights)
+            features = VoxelFeatures.from_state_dict(torch.load(weights / finetune.worker.FEATURES, map_location="cpu", weights_only=True))
+            head = self._fit_head(features)
+            after = self._head_dice(head, features)
+            if before is not None and after is not None and after > before:
+                kept = self._adopt(model, features, head, weights)
+                reason = f"validation Dice {before:.4f} -> {after:.4f}: the fine-tuned backbone is used"
+            else:
+                finetune.remove_weights(job.folder)
+                reason = f"validation Dice {after} is not above {before}: the session keeps its model"
+        result = FinetuneResult(
+            accepted=kept is not None,
+            validation_dice_before=before,
+            validation_dice_after=after,
+            seconds=float(info.get("seconds", time.perf_counter() - job.started)),
+            steps=int(info.get("steps", 0)),
+            weights=None if kept is None else str(kept),
+            reason=reason,
+            network_validation_dice=info.get("network_validation_dice"),
+            job=job.id,
+        )
+        job.result = result
+        self._finetunes.append({**dataclasses.asdict(result), "version": int(info.get("version", self._state_version)), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self._write_state()
+        return result
+
+    def _adopt(self, model: nn.Module, features: VoxelFeatures, head: LightHead | None, weights: Path) -> Path:
+        """Swap in fine-tuned weights: move them to ``models/<hash>`` and their features into the cache."""
+        digest = cache.model_hash(model)
+        target = self.folder / "models" / digest
+        features_file = cache.feature_path(self.store, self.case_id, digest)
+        features_file.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(weights / finetune.worker.FEATURES, features_file)
+        if target.exists():  # the very same weights were adopted before
+            finetune.remove_weights(weights.parent)
+        else:
+            os.replace(weights, target)
+        self.model, self.backbone_version, self._segments = model, digest, True
+        self.features, self.head, self._head_version = features, head, self._state_version
+        self._shown = None
+        return target
 
     # ------------------------------------------------------------------ undo, redo, history, suggestions
     def _restore(self, op: str, target: int, source: int) -> Round:
@@ -455,7 +579,8 @@ class AnnotationSession:
 
     def history(self) -> list[dict[str, Any]]:
         """Session versions oldest first: version, time, author, op, item, model, voxels changed, edit Dice,
-        and the round's validation Dice and timings when recorded."""
+        and the round's validation Dice and timings when recorded. Each fine-tune follows the version it
+        learned from as a row with ``op="finetune"`` and its :class:`FinetuneResult` fields."""
         rounds = {r["version"]: r for r in self._rounds}
         out = []
         for entry in self.log.entries:
@@ -463,7 +588,8 @@ class AnnotationSession:
             extra = rounds.get(entry.version, {})
             row.update({k: extra[k] for k in ("validation_dice", "timings") if k in extra})
             out.append(row)
-        return out
+        out += [{"op": "finetune", **f} for f in self._finetunes]
+        return sorted(out, key=lambda row: (row["version"], row["op"] == "finetune"))
 
     def suggest_next(self, top: int = 1) -> Suggestion | list[Suggestion]:
         """The slice to correct next (``top=1``) or the ``top`` best, ranked over all three axes."""
@@ -475,8 +601,11 @@ class AnnotationSession:
 
     @property
     def annotated(self) -> np.ndarray:
-        """``(Z, Y, X)`` bool: the voxels a person reviewed in the current version."""
-        return region_mask(self.items, self.shape)
+        """``(Z, Y, X)`` bool: the voxels a person reviewed in the current version, as the store recorded them
+        (from the session record for versions saved before stores kept annotated masks)."""
+        ours = any(e.version == self._state_version for e in self.log.entries)
+        stored = self.store.read_annotated(self.case_id, self.label_name, self._state_version) if ours else None
+        return region_mask(self.items, self.shape) if stored is None else np.asarray(stored[...], bool)
 
     @property
     def label(self) -> np.ndarray:
