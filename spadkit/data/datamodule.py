@@ -6,18 +6,27 @@ which gives every rank the same number of batches. Augmentation runs in
 ``on_after_batch_transfer``, i.e. on the training device, and the stream's
 position is saved in checkpoints (``state_dict``) so a resumed run continues
 with the batch after the last one trained.
+
+Validation for early stopping comes from separate stores (``val``) or from a
+split of the training sources fixed once (``val_fraction``,
+:class:`~spadkit.data.plan.Split`): a slice or case is held out by a hash of its
+name alone, so labels added later never move an earlier validation item into
+training or back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 
 from spadkit.data.augment import BatchAugment
 from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
+from spadkit.data.plan import Split
 from spadkit.data.reader import Intensity
 from spadkit.data.sources import DatasetSource, Mixing
 from spadkit.data.stream import PatchStream, StreamLoader
@@ -35,6 +44,12 @@ class PatchDataModule(L.LightningDataModule):
         train: training stores or :class:`DatasetSource` objects.
         val: validation sources (default none); streamed with a fixed epoch, so
             every validation sees the same patches.
+        val_fraction: instead of ``val``, hold out this share of the training sources'
+            annotated slices (``val_by="slice"``: Z slices, axial in RAS stores) or cases
+            (``val_by="case"``) for validation, chosen by a hash of each item's name
+            (:class:`~spadkit.data.plan.Split`): fixed once, never reshuffled when labels
+            are added. Training never sees the held-out labels (they read as unknown).
+        val_by: ``"slice"`` or ``"case"`` (see ``val_fraction``).
         patch_size: patch edge in voxels (along the finest axis when ``spacing_aware``).
         patch_mm: patch extent in mm instead (overrides ``patch_size``).
         patch_tokens: a fixed token grid ``(Z, Y, X)`` instead, as PUMIT's crops (``[5, 10, 10]``;
@@ -64,6 +79,8 @@ class PatchDataModule(L.LightningDataModule):
         self,
         train: Sequence[DatasetSource | str | Path],
         val: Sequence[DatasetSource | str | Path] | None = None,
+        val_fraction: float = 0.0,
+        val_by: Literal["slice", "case"] = "slice",
         patch_size: int | Sequence[int] = 96,
         patch_mm: float | Sequence[float] | None = None,
         patch_tokens: int | Sequence[int] | None = None,
@@ -92,6 +109,12 @@ class PatchDataModule(L.LightningDataModule):
             raise ValueError(f"sampler must be 'uniform' or 'label', not {sampler!r}")
         self.train_sources = list(train)
         self.val_sources = list(val or [])
+        if val_fraction and self.val_sources:
+            raise SpadkitError(
+                "both val=[...] stores and val_fraction are given: validation would come from two places",
+                fix="use val=[...] for separate validation stores, or val_fraction to hold out part of the training sources, not both.",
+            )
+        self.split = Split(val_fraction, val_by) if val_fraction else None
         multiple = patch_multiple_rule(patch_multiple) if isinstance(patch_multiple, str) else patch_multiple
         if patch_tokens is not None:
             zoom = {"zoom": tuple(patch_zoom), "zoom_prob": patch_zoom_prob, "zoom_z": tuple(patch_zoom_z), "zoom_z_prob": patch_zoom_z_prob}
@@ -128,12 +151,20 @@ class PatchDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         rank, world = self._place()
         if self.train_stream is None and stage in (None, "fit"):
-            self.train_stream = PatchStream(self.train_sources, visits_per_epoch=self.visits_per_epoch, rank=rank, world_size=world, **self.stream_args)
+            self.train_stream = PatchStream(self.train_sources, visits_per_epoch=self.visits_per_epoch, rank=rank, world_size=world, split=self.split, **self.stream_args)
             self.train_stream.auto_mark = False  # Lightning fetches ahead: on_after_batch_transfer marks instead
             if self._pending_state is not None:
                 self.train_stream.load_state_dict(self._pending_state)
-        if self.val_stream is None and self.val_sources and stage in (None, "fit", "validate"):
-            self.val_stream = PatchStream(self.val_sources, rank=rank, world_size=world, fixed_epoch=0, **self.stream_args)
+        if self.val_stream is None and (self.val_sources or self.split) and stage in (None, "fit", "validate"):
+            sources, split = (self.train_sources, dataclasses.replace(self.split, part="validation")) if self.split else (self.val_sources, None)
+            self.val_stream = PatchStream(sources, rank=rank, world_size=world, fixed_epoch=0, split=split, **self.stream_args)
+
+    def check_inputs(self, in_chans: int, num_classes: int | None = None) -> None:
+        """Check the streams' cases against a model before training (:meth:`PatchStream.check_inputs`)."""
+        self.setup("fit")
+        for stream in (self.train_stream, self.val_stream):
+            if stream is not None:
+                stream.check_inputs(in_chans, num_classes)
 
     def _loader(self, stream: PatchStream) -> StreamLoader:
         return StreamLoader(stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
@@ -151,7 +182,7 @@ class PatchDataModule(L.LightningDataModule):
         if trainer is not None and trainer.training:
             self.train_stream.mark_consumed(batch["stream"])
             if self.augment is not None:
-                batch = self.augment(batch)
+                batch = augment_with_mask(self.augment, batch)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -165,6 +196,22 @@ class PatchDataModule(L.LightningDataModule):
             self.train_stream.load_state_dict(stream_state)
         else:
             self._pending_state = stream_state
+
+
+def augment_with_mask(augment: BatchAugment, batch: dict[str, Any]) -> dict[str, Any]:
+    """``augment(batch)`` with ``batch["annotated"]`` flipped and rotated exactly like ``batch["label"]``.
+
+    :class:`BatchAugment` moves the label only, so the mask travels inside it: ``label + 1``
+    where annotated, 0 where unknown, split again afterwards. Corners a rotation brings in
+    from outside the patch (label 0) thus read as unknown, not as background.
+    """
+    if "annotated" not in batch:
+        return augment(batch)
+    batch["label"] = torch.where(batch.pop("annotated"), batch["label"] + 1, 0)
+    batch = augment(batch)
+    batch["annotated"] = batch["label"] > 0
+    batch["label"] = (batch["label"] - 1).clamp_(min=0)
+    return batch
 
 
 def patch_multiple_rule(name: str) -> Callable[..., tuple[int, int, int]]:

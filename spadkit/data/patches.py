@@ -12,6 +12,13 @@ Samplers:
   on a voxel of a randomly chosen foreground class (nnU-Net's oversampling),
   otherwise uniform.
 * :func:`grid_windows`: overlapping windows that tile a volume, for inference.
+
+A partially annotated case (a label version whose annotated mask covers a few
+slices) passes ``annotated``, the coordinates of its annotated voxels: every
+patch then contains annotated voxels. :class:`UniformSampler` takes a window
+around a random annotated voxel (:func:`overlapping_start`), :class:`LabelSampler`
+centres on an annotated voxel of a foreground class (``locations`` then hold
+annotated voxels only) or, otherwise, on any annotated voxel.
 """
 
 from __future__ import annotations
@@ -241,13 +248,47 @@ def centred_start(centre: Sequence[int], shape: Sequence[int], patch: Sequence[i
     return tuple(starts)
 
 
+def overlapping_start(shape: Sequence[int], patch: Sequence[int], annotated: np.ndarray, rng: np.random.Generator) -> Shape3:
+    """A window that contains a random voxel of ``annotated`` ``(N, 3)`` ``(z, y, x)``: the voxel is
+    drawn uniformly, then the start uniformly among the windows inside the volume that hold it
+    (where the volume is shorter than the patch, as :func:`uniform_start`). A window thus comes up
+    in proportion to the annotated voxels it holds.
+
+    Raises:
+        ValueError: ``annotated`` is empty.
+    """
+    voxel = _random_row(annotated, rng)
+    starts = []
+    for v, length, size in zip(voxel, shape, patch):
+        if length >= size:
+            starts.append(int(rng.integers(max(0, int(v) - size + 1), min(int(v), length - size) + 1)))
+        else:
+            starts.append(-int(rng.integers(0, size - length + 1)))
+    return tuple(starts)
+
+
+def _random_row(coords: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if not len(coords):
+        raise ValueError("no annotated voxel to place a patch on")
+    return coords[int(rng.integers(len(coords)))]
+
+
 class UniformSampler:
-    """Patch starts drawn uniformly over the volume."""
+    """Patch starts drawn uniformly over the volume, or over the windows that overlap the
+    annotated voxels of a partially annotated case (see the module docstring)."""
 
     needs_labels = False
 
-    def start(self, shape: Shape3, patch: Shape3, rng: np.random.Generator, locations: Mapping[int, np.ndarray] | None = None) -> Shape3:
-        return uniform_start(shape, patch, rng)
+    def start(
+        self,
+        shape: Shape3,
+        patch: Shape3,
+        rng: np.random.Generator,
+        locations: Mapping[int, np.ndarray] | None = None,
+        annotated: np.ndarray | None = None,
+    ) -> Shape3:
+        """``annotated``: ``(N, 3)`` coordinates of the annotated voxels, None where all are annotated."""
+        return uniform_start(shape, patch, rng) if annotated is None else overlapping_start(shape, patch, annotated, rng)
 
     def __repr__(self) -> str:
         return "UniformSampler()"
@@ -256,7 +297,8 @@ class UniformSampler:
 class LabelSampler:
     """Oversample foreground: with probability ``foreground_ratio`` centre the patch on a
     voxel of a foreground class (picked uniformly among ``classes`` present in the case),
-    otherwise sample uniformly. A case without foreground is sampled uniformly.
+    otherwise sample uniformly. A case without foreground is sampled uniformly. On a
+    partially annotated case, "uniformly" is: centred on a random annotated voxel.
 
     Args:
         foreground_ratio: probability in [0, 1] of a foreground-centred patch
@@ -272,14 +314,23 @@ class LabelSampler:
         self.foreground_ratio = float(foreground_ratio)
         self.classes = None if classes is None else tuple(int(c) for c in classes)
 
-    def start(self, shape: Shape3, patch: Shape3, rng: np.random.Generator, locations: Mapping[int, np.ndarray] | None = None) -> Shape3:
-        """``locations`` maps class -> ``(N, 3)`` voxel coordinates ``(z, y, x)`` of that class."""
+    def start(
+        self,
+        shape: Shape3,
+        patch: Shape3,
+        rng: np.random.Generator,
+        locations: Mapping[int, np.ndarray] | None = None,
+        annotated: np.ndarray | None = None,
+    ) -> Shape3:
+        """``locations`` maps class -> ``(N, 3)`` voxel coordinates ``(z, y, x)`` of that class (its
+        annotated voxels); ``annotated``: ``(N, 3)`` of all annotated voxels, None where all are."""
         present = [c for c, coords in (locations or {}).items() if len(coords) and (self.classes is None or c in self.classes)]
         if not present or rng.random() >= self.foreground_ratio:
-            return uniform_start(shape, patch, rng)
+            if annotated is None:
+                return uniform_start(shape, patch, rng)
+            return centred_start(_random_row(annotated, rng), shape, patch)
         coords = locations[present[int(rng.integers(len(present)))]]
-        centre = coords[int(rng.integers(len(coords)))]
-        return centred_start(centre, shape, patch)
+        return centred_start(_random_row(coords, rng), shape, patch)
 
     def __repr__(self) -> str:
         return f"LabelSampler(foreground_ratio={self.foreground_ratio}, classes={self.classes})"

@@ -28,16 +28,59 @@ communicating, and a resumed run recomputes it exactly:
 A DataLoader with ``K`` workers, resuming at batch ``s``, gives worker ``w`` the
 batches ``s + w, s + w + K, ...``; the loader's in-order delivery (worker 0, 1,
 ... in turn) then yields exactly the rank's batch sequence, whatever ``K`` is.
+
+A :class:`Split` decides, before any plan, which cases or slices a stream may draw
+from: a training and a validation stream of the same sources get disjoint parts.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from spadkit.data.sources import allocate_visits
+
+
+@dataclass(frozen=True)
+class Split:
+    """A validation split that is fixed once: adding labels never moves an item between parts.
+
+    An item (a whole case with ``by="case"``, or one Z slice of a case with ``by="slice"``)
+    belongs to the validation part when a hash of its name, read as a number in [0, 1), is
+    below ``fraction``. The hash depends on the item alone (case id, and the slice's index at
+    pyramid level 0), not on the seed, the other items or their order: slices annotated later
+    join a part without moving any earlier one, and every run, rank and worker agrees.
+
+    Args:
+        fraction: expected share of items held out for validation, in (0, 1).
+        by: ``"slice"`` (Z slices: axial in RAS stores, the unit a person corrects) or ``"case"``.
+        part: the part a stream draws from: ``"train"`` or ``"validation"``.
+    """
+
+    fraction: float
+    by: Literal["case", "slice"] = "slice"
+    part: Literal["train", "validation"] = "train"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"the validation fraction must lie in (0, 1), got {self.fraction!r}")
+        if self.by not in ("case", "slice"):
+            raise ValueError(f"split by 'case' or 'slice', not {self.by!r}")
+        if self.part not in ("train", "validation"):
+            raise ValueError(f"the part must be 'train' or 'validation', not {self.part!r}")
+
+    def is_validation(self, case_id: str, slice_index: int | None = None) -> bool:
+        """Whether the case (``by="case"``) or its level-0 slice ``slice_index`` is held out."""
+        key = case_id if self.by == "case" else f"{case_id}/z{int(slice_index)}"
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 < self.fraction
+
+    def selects(self, case_id: str, slice_index: int | None = None) -> bool:
+        """Whether the item belongs to this split's ``part``."""
+        return self.is_validation(case_id, slice_index) == (self.part == "validation")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,13 @@ Iterating a stream yields one epoch of ready-made batches (dicts of tensors)::
         batch["image"]   # (B, C, Z, Y, X) float32, scaled intensities
         batch["spacing"] # (B, 3) float64, mm (Z, Y, X)
 
+With label maps (``DatasetSource(label=...)``) each case's latest label version is
+pinned when the stream is made, and ``batch["annotated"]`` says which voxels a
+person labelled: a version saved with an annotated mask (a few corrected slices)
+is known there only, and every patch is drawn to contain annotated voxels. A
+:class:`~spadkit.data.plan.Split` gives a training and a validation stream
+disjoint, fixed slices or cases of the same sources.
+
 Patches are read in a pool of threads inside the consuming process (blosc
 decoding and numpy copies release the GIL), so a batch never crosses a process
 boundary; moving float patches between processes is what caps DataLoader
@@ -39,8 +46,15 @@ from spadkit.data.cache import ChunkCache
 from spadkit.data.geometry import margins, patch_affine, resample, zoomed_window
 from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
 from spadkit.data.patches import coarse_axis_first as coarse_axis_first_of
-from spadkit.data.plan import BatchSpec, EpochPlan, make_plan
-from spadkit.data.reader import INTENSITY_MODES, Intensity, ReaderPool
+from spadkit.data.plan import BatchSpec, EpochPlan, Split, make_plan
+from spadkit.data.reader import (
+    INTENSITY_MODES,
+    Intensity,
+    LabelIndex,
+    LabelSelection,
+    ReaderPool,
+    select_label,
+)
 from spadkit.data.sources import (
     CaseInfo,
     DatasetSource,
@@ -48,6 +62,7 @@ from spadkit.data.sources import (
     dataset_probabilities,
     index_source,
 )
+from spadkit.errors import SpadkitError
 
 Sampler = UniformSampler | LabelSampler
 
@@ -92,11 +107,16 @@ class PatchStream(IterableDataset):
         coarse_axis_first: transpose patches of volumes whose thick slices lie along Y or
             X (sagittal/coronal stacks in RAS stores) so the coarse axis comes first, as
             the spacing rule expects; ``spacing`` and ``affine`` follow the transposition.
+        split: draw only from one part of a fixed validation split of the labelled cases
+            (:class:`~spadkit.data.plan.Split`); cases the part leaves empty are left out.
 
     Each batch is a dict:
 
     * ``image`` ``(B, C, Z, Y, X)`` float32; ``label`` ``(B, 1, Z, Y, X)`` int64 when
-      the sources have a ``label``;
+      the sources have a ``label``, with ``annotated`` ``(B, 1, Z, Y, X)`` bool: True
+      where the label is known (everywhere, padding included, for a fully annotated
+      version; else inside its annotated mask and the split's slices: voxels outside
+      are unknown, never background);
     * ``spacing`` ``(B, 3)`` float64 mm ``(Z, Y, X)`` of the delivered voxels (after a
       token-grid crop's zoom); ``zoom`` ``(B, 3)``: delivered over stored spacing
       (1 where nothing was resampled); ``level`` ``(B,)`` int64: the SPAD anisotropy
@@ -138,6 +158,7 @@ class PatchStream(IterableDataset):
         world_size: int | None = None,
         fixed_epoch: int | None = None,
         coarse_axis_first: bool = True,
+        split: Split | None = None,
     ):
         super().__init__()
         if not sources:
@@ -161,6 +182,10 @@ class PatchStream(IterableDataset):
         self.cases: list[list[CaseInfo]] = [index_source(s) for s in self.sources]
         if self.sampler.needs_labels and any(s.label is None for s in self.sources):
             raise ValueError("LabelSampler needs label=... on every DatasetSource (which label map to use)")
+        if split is not None and any(s.label is None for s in self.sources):
+            raise ValueError("a validation split needs label=... on every DatasetSource (it splits labelled cases or slices)")
+        self.split = split
+        self.selections = self._select_labels()
         self.shares = dataset_probabilities([len(c) for c in self.cases], mixing, [s.weight for s in self.sources])
         self.visits_per_epoch = int(visits_per_epoch or sum(len(c) for c in self.cases))
         self.axes = [[coarse_axis_first_of(c.spacing, c.spatial_shape) if coarse_axis_first else (0, 1, 2) for c in cases] for cases in self.cases]
@@ -252,6 +277,7 @@ class PatchStream(IterableDataset):
             (self.batch_size, self.samples_per_case, self.visits_per_epoch, self.interleave, self.world_size),
             repr(self.sampler),
             self.intensity,
+            repr(self.split),
         )
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
@@ -339,19 +365,22 @@ class PatchStream(IterableDataset):
         level = self.levels[spec.cases[0][0]][spec.cases[0][1]]
         image = torch.empty((len(cases), cases[0].shape[0], *shape), dtype=torch.float32)
         label = torch.empty((len(cases), 1, *shape), dtype=torch.int64) if cases[0].label is not None else None
+        annotated = torch.empty((len(cases), 1, *shape), dtype=torch.bool) if label is not None else None
         starts = np.empty((len(cases), 3), dtype=np.int64)
         zooms = np.ones((len(cases), 3), dtype=np.float64)
         axes = [self.axes[d][c] for d, c in spec.cases]
-        for slot, case in enumerate(cases):
-            reader = pool.get(case)
+        for slot, ((d, c), case) in enumerate(zip(spec.cases, cases)):
+            reader = pool.get(case, self.selections[d][c])
             rng = np.random.default_rng([self.seed, epoch, spec.group, spec.step, slot])
             window = self._zoomed_window(case, axes[slot], shape, level, rng)
             zooms[slot] = [w / n for w, n in zip(window, shape)]
-            locations = reader.class_locations() if self.sampler.needs_labels else None
-            starts[slot] = self.sampler.start(case.spatial_shape, _unpermuted(window, axes[slot]), rng, locations)
+            index = reader.label_index() if self.sampler.needs_labels or reader.partial else None
+            locations, known = (None, None) if index is None else (index.classes, index.annotated)
+            starts[slot] = self.sampler.start(case.spatial_shape, _unpermuted(window, axes[slot]), rng, locations, known)
             _read_zoomed(reader.read_image, starts[slot], image[slot], axes[slot], window)
             if label is not None:
                 _read_zoomed(reader.read_label, starts[slot], label[slot], axes[slot], window, labels=True)
+                _read_zoomed(reader.read_annotated, starts[slot], annotated[slot], axes[slot], window, labels=True)
         affines = np.stack([patch_affine(case.affine, start, a, z) for case, start, a, z in zip(cases, starts, axes, zooms)])
         batch = {
             "image": image,
@@ -369,8 +398,65 @@ class PatchStream(IterableDataset):
             "stream": {key: [int(value)] * len(cases) for key, value in (("epoch", epoch), ("index", spec.index), ("group", spec.group), ("step", spec.step))},
         }
         if label is not None:
-            batch["label"] = label
+            batch["label"], batch["annotated"] = label, annotated
         return batch
+
+    # ------------------------------------------------------------------ labels
+    def _select_labels(self) -> list[list[LabelSelection | None]]:
+        """Pin every labelled case's version and split part (:func:`~spadkit.data.reader.select_label`),
+        and leave out the cases (then the sources) the split leaves nothing."""
+        pool = ReaderPool(ChunkCache(0), self.intensity)
+        selections = [[None if c.label is None else select_label(pool.store(c), c, self.split) for c in cases] for cases in self.cases]
+        kept = [[i for i, sel in enumerate(sels) if sel is None or sel.slices != ()] for sels in selections]
+        if not any(kept):
+            raise SpadkitError(
+                f"the {self.split.part} part of the split (fraction {self.split.fraction} by {self.split.by}) holds no annotated "
+                f"{self.split.by} of the {sum(map(len, self.cases))} case(s)",
+                path=self.sources[0].store,
+                fix="annotate more slices or cases, change the fraction, or give validation stores (val=[...]) instead of a split.",
+            )
+        datasets = [d for d, keep in enumerate(kept) if keep]
+        self.sources = [self.sources[d] for d in datasets]
+        self.cases = [[self.cases[d][i] for i in kept[d]] for d in datasets]
+        return [[selections[d][i] for i in kept[d]] for d in datasets]
+
+    def label_indexes(self) -> list[tuple[CaseInfo, LabelSelection, LabelIndex]]:
+        """Every labelled case with its selection and :class:`~spadkit.data.reader.LabelIndex`
+        (scanned once per case in this process, in ``num_threads`` threads; the samplers reuse it)."""
+        pool = self._readers()
+        pairs = [(case, sel) for cases, sels in zip(self.cases, self.selections) for case, sel in zip(cases, sels) if sel is not None]
+        with ThreadPoolExecutor(max(1, self.num_threads), thread_name_prefix="spadkit-scan") as threads:
+            indexes = list(threads.map(lambda pair: pool.get(*pair).label_index(), pairs))
+        return [(case, sel, index) for (case, sel), index in zip(pairs, indexes)]
+
+    def check_inputs(self, in_chans: int, num_classes: int | None = None) -> None:
+        """Raise now, not mid-training, where a case does not fit a model of ``in_chans`` channels and
+        ``num_classes`` voxel classes (None: skip the label scan): other channels, or an annotated
+        voxel of a class outside ``0..num_classes - 1``.
+
+        Raises:
+            SpadkitError: naming the case (and label version) and the fix.
+        """
+        for case in (c for cases in self.cases for c in cases):
+            if case.shape[0] != in_chans:
+                raise SpadkitError(
+                    f"case {case.case_id} has {case.shape[0]}-channel images, the model takes in_chans={in_chans}",
+                    path=case.store,
+                    fix=f"set in_chans={case.shape[0]} (model.init_args.in_chans in YAML) with a backbone of that many channels "
+                    f"(or none), or ingest {in_chans}-channel images.",
+                )
+        if num_classes is None:
+            return
+        for case, selection, index in self.label_indexes():
+            bad = [v for v in index.classes if not 0 <= v < num_classes]
+            if bad:
+                raise SpadkitError(
+                    f"case {case.case_id}: label {case.label!r} version {selection.version} holds class(es) {bad} on annotated "
+                    f"voxels, the model is configured for {num_classes} classes (0..{num_classes - 1})",
+                    path=case.store,
+                    fix=f"set num_classes={max(index.classes) + 1} (model.init_args.num_classes in YAML) if those are real classes, "
+                    "or remap the label values (an 'unknown' value belongs outside the annotated mask).",
+                )
 
     def _zoomed_window(self, case: CaseInfo, axes: Sequence[int], shape: Sequence[int], level: int, rng: np.random.Generator) -> tuple[int, int, int]:
         """The window ``(Z, Y, X)`` (patch axes) a crop reads: ``shape`` zoomed by :meth:`PatchSize.draw_zoom`,

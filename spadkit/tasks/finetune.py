@@ -18,6 +18,12 @@ Batches: ``image`` ``(B, C, Z, Y, X)`` (normalised as in pretraining), ``spacing
 mm, ``label`` (``(B, 1, Z, Y, X)`` integer classes for segmentation, ``(B,)`` for
 classification) and optionally ``annotated`` ``(B, 1, Z, Y, X)`` bool: the voxels a person
 labelled. Unannotated voxels are *unknown*: the loss ignores them (never background).
+
+Bad input fails before the first step, with the case and the fix: at construction a
+checkpoint or pretrained backbone of another class count, channel count or architecture;
+in ``setup`` (with a :class:`~spadkit.data.PatchDataModule`) a case whose channels differ
+from ``in_chans``, annotated label values outside ``0..num_classes - 1``, and (from the
+stream) a label version whose annotated mask is empty.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -40,6 +47,7 @@ from monai.metrics import (
 )
 from torch import nn
 
+from spadkit.data.datamodule import PatchDataModule
 from spadkit.errors import SpadkitError
 from spadkit.models import PretrainedCfg, create_model, load_state_dict, save_pretrained
 
@@ -91,33 +99,53 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, load_head: bool = True) -> None:
-    """Load a fine-tuned state dict (``save_pretrained``'s ``model.pt`` or a Lightning ``.ckpt``, read with
-    ``weights_only=True``) into ``model``, with errors that say which count differs and how to fix it."""
+    """Load fine-tuned weights into ``model``: ``save_pretrained``'s folder or its ``model.pt``, or a
+    Lightning ``.ckpt`` (read with ``weights_only=True``).
+
+    Raises:
+        SpadkitError: the checkpoint is of another architecture, channel count (``in_chans``) or
+            class count (``num_classes``); the message says which and how to fix it.
+    """
+    path = Path(path) / "model.pt" if Path(path).is_dir() else Path(path)
     state = load_state_dict(path)
     state = state.get("state_dict", state)
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    own = model.state_dict()
-    embed = "backbone.patch_embed.weight"
-    if embed in state and state[embed].shape[1] != own[embed].shape[1]:
-        raise SpadkitError(
-            f"the checkpoint takes {state[embed].shape[1]}-channel images, the model {own[embed].shape[1]}",
-            path=path,
-            fix=f"set in_chans={state[embed].shape[1]} (and feed that many channels), or fine-tune from the pretrained backbone instead.",
-        )
-    head = [k for k in own if k.startswith("head.")]
     if not load_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    elif any(k in state and state[k].shape != own[k].shape for k in head):
-        theirs = state[head[0]].shape[0]
+    own = model.state_dict()
+    differ = [k for k in own if k in state and state[k].shape != own[k].shape]
+    body = [k for k in differ if not k.startswith("head.")]
+    embed = "backbone.patch_embed.weight"
+    if body and embed in body and all(_differ_in_channels(state[k].shape, own[k].shape) for k in body):
+        theirs = state[embed].shape[1]
         raise SpadkitError(
-            f"the checkpoint predicts {theirs} classes, the model is configured for {own[head[0]].shape[0]}",
+            f"the checkpoint takes {theirs}-channel images, the model {own[embed].shape[1]}",
             path=path,
-            fix=f"set num_classes={theirs} to use it as it is, or load_head=False to keep its features and train a new head.",
+            fix=f"set in_chans={theirs} (and feed that many channels), or fine-tune from the pretrained backbone instead.",
         )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = [k for k in missing if not (k.startswith("head.") and not load_head)] + list(unexpected)
-    if wrong:
-        raise SpadkitError(f"the checkpoint does not fit this model ({', '.join(wrong[:5])} ...)", path=path, fix="pass a checkpoint of the same architecture (model=...).")
+    missing, unexpected = [k for k in own if k not in state and not (k.startswith("head.") and not load_head)], [k for k in state if k not in own]
+    if body or missing or unexpected:
+        first = body[0] if body else (missing or unexpected)[0]
+        shapes = f" ({tuple(state[first].shape)} there, {tuple(own[first].shape)} here)" if body else ""
+        raise SpadkitError(
+            f"the checkpoint is of another architecture: {len(body)} tensor(s) differ in shape, {len(missing)} are missing and "
+            f"{len(unexpected)} unexpected, e.g. {first}{shapes}",
+            path=path,
+            fix="pass the checkpoint's own architecture as model=... (e.g. spad_unetr_small), or a checkpoint of this one.",
+        )
+    if differ:
+        head = differ[0]
+        raise SpadkitError(
+            f"the checkpoint predicts {state[head].shape[0]} classes, the model is configured for {own[head].shape[0]}",
+            path=path,
+            fix=f"set num_classes={state[head].shape[0]} to use it as it is, or load_head=False to keep its features and train a new head.",
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _differ_in_channels(theirs: torch.Size, ours: torch.Size) -> bool:
+    """Two weight shapes that differ only in their input channels (dimension 1)."""
+    return len(theirs) == len(ours) > 1 and theirs[0] == ours[0] and theirs[2:] == ours[2:]
 
 
 class _Finetune(L.LightningModule):
@@ -132,6 +160,16 @@ class _Finetune(L.LightningModule):
 
     def forward(self, x: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
         return self.model(x, spacing)
+
+    def setup(self, stage: str) -> None:
+        """Check the data against the model before training (:meth:`PatchDataModule.check_inputs`)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(datamodule, PatchDataModule):
+            datamodule.check_inputs(in_chans=self.hparams.in_chans, num_classes=self._voxel_classes())
+
+    def _voxel_classes(self) -> int | None:
+        """Classes the voxel labels of the stream must lie in (None: the labels are not voxel maps)."""
+        return None
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over :func:`param_groups` (each at ``lr * lr_scale``), linear warm-up, then cosine decay to 0."""
@@ -217,6 +255,9 @@ class SegFinetune(_Finetune):
                 "hd95_mm": HausdorffDistanceMetric(percentile=95, reduction="mean"),
                 "surface_dice": SurfaceDiceMetric([surface_tolerance_mm] * (num_classes - 1), reduction="mean"),
             }
+
+    def _voxel_classes(self) -> int:
+        return self.hparams.num_classes
 
     def _targets(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``label`` ``(B, 1, Z, Y, X)`` long and ``annotated`` ``(B, 1, Z, Y, X)`` float (all ones when absent)."""
