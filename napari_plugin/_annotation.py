@@ -154,9 +154,13 @@ def slice_region(axis: int, index: int) -> tuple[slice, ...]:
 
 
 def history_rows(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The session's history as a magicgui ``Table`` value (one row per version, newest last)."""
+    """The session's history as a magicgui ``Table`` value: one row per version (correction, undo, redo)
+    and per full fine-tune (whether its weights were accepted), oldest first."""
     rows = []
     for row in history:
+        if row["op"] == "finetune":  # a full fine-tune of the backbone: its validation Dice and wall time
+            rows.append(["finetune", "accepted" if row["accepted"] else "rejected", "-", _fixed(row["validation_dice_after"]), 0, _fixed(row["seconds"], 1)])
+            continue
         item = row.get("item", {})
         where = f"{AXIS_NAMES[item['axis']]} {item['index']}" if "axis" in item else ("box" if item else f"v{row.get('target')}")
         learn = row.get("timings", {}).get("learn_s")
