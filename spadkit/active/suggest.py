@@ -119,7 +119,7 @@ def rank_slices(features: VoxelFeatures, head: LightHead | None, items: Sequence
     taken = {item_key(i) for i in items}
     candidates = []
     for axis, n in enumerate(features.shape):
-        nearest = np.clip(np.searchsorted(axes[axis], np.arange(n)), 0, len(axes[axis]) - 1)
+        nearest = np.abs(np.arange(n)[:, None] - axes[axis][None]).argmin(1)  # each slice's closest grid row
         per_slice = np.moveaxis(uncertainty, axis, 0).reshape(len(axes[axis]), -1).mean(1)[nearest]
         score = per_slice * (DIVERSITY_FLOOR + (1 - DIVERSITY_FLOOR) * spread[axis])
         for index in np.argsort(-score)[: top + len(taken)]:
