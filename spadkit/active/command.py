@@ -7,12 +7,15 @@ scripted or interrupted at any point::
     spadkit session brains.zarr mni submit --axis z --index 68 --mask slice68.npy
     spadkit session brains.zarr mni undo
     spadkit session brains.zarr mni history
+    spadkit session brains.zarr mni finetune --finetune-steps 200   # full learning, headless (waits; progress on stderr)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +23,14 @@ import numpy as np
 
 from spadkit.errors import SpadkitError
 
-ACTIONS = ("suggest", "submit", "undo", "redo", "history")
+ACTIONS = ("suggest", "submit", "undo", "redo", "history", "finetune")
 
 
 def add_parser(sub: Any) -> None:
     """Register the ``session`` subcommand on an ``argparse`` subparsers object."""
     parser = sub.add_parser(
         "session",
-        help="the annotation loop: suggest a slice, submit a corrected slice, undo, redo, history",
+        help="the annotation loop: suggest a slice, submit a corrected slice, undo, redo, history, finetune",
         description="One step of an annotation session on a store case; prints JSON. The first call needs --model.",
     )
     parser.add_argument("store", help="the OME-Zarr store")
@@ -40,6 +43,8 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--axis", choices=("z", "y", "x"), help="submit: the slice axis")
     parser.add_argument("--index", type=int, help="submit: the slice index")
     parser.add_argument("--mask", help="submit: the corrected slice as a .npy file (bool or integer labels)")
+    parser.add_argument("--finetune-steps", type=int, default=200, help="finetune: optimiser steps (default: 200)")
+    parser.add_argument("--device", help="finetune: cpu, cuda, cuda:N (default: the GPU when there is one)")
     parser.set_defaults(func=run)
 
 
@@ -75,7 +80,28 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise SpadkitError(f"not a numpy .npy array ({error})", path=args.mask, fix="save the mask with numpy.save(path, mask).") from None
         out = session.submit_correction(args.axis, args.index, mask).summary()
+    elif args.action == "finetune":
+        out = _finetune(session, args)
     else:
         out = getattr(session, args.action)().summary()
     print(json.dumps(out, indent=1, default=str))
     return 0
+
+
+def _finetune(session: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Run a full fine-tune to the end (Ctrl-C cancels it) with a progress bar on stderr; the result as a dict."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    job = session.start_finetune(max_steps=args.finetune_steps, device=args.device)
+    with tqdm(total=args.finetune_steps, desc="fine-tune", unit="step", file=sys.stderr) as bar:
+        try:
+            while job.running:
+                state = job.progress()
+                bar.update(state["step"] - bar.n)
+                bar.set_postfix_str(state["message"], refresh=True)
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            job.cancel()
+    return dataclasses.asdict(job.wait())

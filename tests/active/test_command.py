@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
+from spadkit.active import AnnotationSession
 from spadkit.cli import main
-from tests.active.conftest import CASE
+from tests.active.conftest import CASE, tiny_model
 
 
 def run(capsys, *argv: str) -> tuple[int, object, str]:
@@ -44,3 +46,18 @@ def test_the_loop_imports_no_gui_toolkit():
     for gui in ("napari", "qtpy", "PyQt5", "PyQt6", "PySide6", "ipywidgets", "matplotlib"):
         assert f"'{gui}'" not in loaded
     assert "'torch'" in loaded  # the check sees real imports
+
+
+@pytest.mark.slow
+def test_a_full_finetune_runs_headless_from_the_shell(store, mni_store, truth, label_name, capsys):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name)
+    for axis, index in [(0, 40), (1, 55), (2, 50)]:
+        session.submit_correction(axis, index, np.take(truth, index, axis=axis))
+    url = str(mni_store[0])
+    code, _, err = run(capsys, url, CASE, "finetune", "--label", label_name, "--finetune-steps", "0")
+    assert code == 2 and "max_steps must be a positive integer" in err
+    code, result, err = run(capsys, url, CASE, "finetune", "--label", label_name, "--finetune-steps", "1", "--device", "cpu")
+    assert code == 0 and result["steps"] == 1 and result["validation_dice_before"] == pytest.approx(session.validation_dice())
+    assert result["accepted"] == (result["validation_dice_after"] > result["validation_dice_before"]) and "fine-tune" in err
+    code, history, _ = run(capsys, url, CASE, "history", "--label", label_name)
+    assert [h["op"] for h in history] == ["correction"] * 3 + ["finetune"]
