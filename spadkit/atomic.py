@@ -1,4 +1,4 @@
-"""Write a file so that it appears complete or not at all."""
+"""Write a file so that it appears complete or not at all; make written files and folders durable."""
 
 from __future__ import annotations
 
@@ -27,13 +27,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (no-op where directories cannot be opened, e.g. Windows)."""
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the entries of a folder (created, renamed or linked files) durable (no-op where
+    directories cannot be opened, e.g. Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -42,3 +52,7 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: The former private name, still imported by ``spadkit.active.finetune_worker``.
+_fsync_dir = fsync_dir

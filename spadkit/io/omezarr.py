@@ -61,12 +61,14 @@ from ome_zarr.writer import write_multiscales_metadata
 from spadkit.errors import StoreError
 from spadkit.io.lock import LABEL_LOCK_TIMEOUT_S, store_lock
 from spadkit.io.pyramid import (
+    Box,
+    UnitCounts,
     chunk_shape,
     create_array,
     datasets,
     level_affine,
     pyramid_factors,
-    write_array,
+    write_arrays,
     write_levels,
 )
 from spadkit.io.zarrstore import LOST_CHUNK_FIX, open_store, run_sync
@@ -134,7 +136,20 @@ def annotated_mask(annotated: Any, shape_zyx: tuple[int, int, int], where: str) 
         raise StoreError(f"the annotated mask has dtype {mask.dtype}, not bool or integer", path=where, fix="pass a bool mask (e.g. `probability > 0.5`).")
     if mask.dtype != bool and mask.size and (mask.min() < 0 or mask.max() > 1):
         raise StoreError(f"the annotated mask holds values {int(mask.min())}..{int(mask.max())}, not only 0 and 1", path=where, fix="pass `mask > 0` (1 = annotated).")
-    return None if mask.all() else mask.astype(np.uint8)
+    return None if mask.all() else mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+
+
+def changed_box(changed: Any, shape_zyx: tuple[int, int, int], where: str) -> Box | None:
+    """The ``(C, Z, Y, X)`` box ``[lo, hi)`` of a ``changed=(z, y, x)`` slices hint, clamped to the grid.
+
+    Raises:
+        StoreError: not three slices with step 1.
+    """
+    if changed is None:
+        return None
+    if not (isinstance(changed, tuple | list) and len(changed) == 3 and all(isinstance(s, slice) and s.step in (None, 1) for s in changed)):
+        raise StoreError(f"changed={changed!r} is not three (z, y, x) slices", path=where, fix="pass e.g. `(slice(k, k + 1), slice(None), slice(None))` for slice z=k, or None.")
+    return ((0, 1), *(s.indices(n)[:2] for s, n in zip(changed, shape_zyx)))
 
 
 def _case_status(raw: bytes | None) -> dict[str, Any] | str:
@@ -165,6 +180,9 @@ class OMEZarrStore:
         StoreError: no store at ``url``, an unreadable root ``zarr.json``, a group not
             written by spadkit, or a store format newer than this spadkit.
     """
+
+    #: Share unchanged chunk files between label versions (local stores); False writes every version in full.
+    _copy_on_write = True
 
     def __init__(self, url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None, *, sharded: bool = False):
         self.url = str(url)
@@ -292,7 +310,7 @@ class OMEZarrStore:
         group = self.root.create_group(case_id)
         data = image.numpy()
         factors = pyramid_factors(image.spatial_shape, image.spacing)
-        write_levels(group, "", data, factors, image.spacing, dtype=data.dtype, label=False, sharded=self.sharded)
+        write_levels(group, "", data, factors, image.spacing, dtype=data.dtype, label=False, sharding="array" if self.sharded else None)
         write_multiscales_metadata(group, datasets("", factors, image.spacing, image.origin[::-1]), fmt=NGFF, axes=_AXES, name=case_id)
         if label is not None:
             self._write_label_version(case_id, group, "seg", label, author=author, message="ingested", factors=factors)
@@ -404,6 +422,7 @@ class OMEZarrStore:
         message: str = "",
         annotated: np.ndarray | None = None,
         changed: tuple[slice, slice, slice] | None = None,
+        base_version: int | None = None,
     ) -> int:
         """Save ``label`` as a new version (it becomes the default); return its number.
 
@@ -417,13 +436,21 @@ class OMEZarrStore:
                 person annotated; the rest are unknown, never background. None (or all ones):
                 fully annotated.
             changed: ``(z, y, x)`` slices of a box outside which ``label`` equals the latest version
-                (a hint that spares comparing the rest).
+                (a hint: the rest is not compared but shared; the caller vouches for it).
+            base_version: the version ``changed`` is relative to; when another save made a
+                newer one meanwhile, the hint is ignored and every chunk compared.
 
         Saves of one label map are serialised by a lock file (local stores), so two
         processes saving at once get two versions. The arrays are written under a new
-        version folder first; the label's metadata, which points readers at the
-        latest version, is replaced in a single atomic write afterwards, so an
-        interruption leaves the previous version in place and the store consistent.
+        version folder first, *copy-on-write* on local stores: only storage objects
+        (chunk files, or shards) that differ from the latest version's are written, at
+        every pyramid level; the others are hard links to the latest version's files, so
+        each version stays a complete, ordinary Zarr array (remote stores write every
+        version in full). The written files and their folders are fsync'd; then the
+        label's metadata, which points readers at the latest version, is replaced in a
+        single atomic write, so an interruption (even ``kill -9`` or a power cut) leaves
+        the previous version in place and the store consistent. The version's entry
+        records ``bytes_written``, ``chunks_written`` and ``chunks_shared``.
 
         Raises:
             StoreError: an invalid ``name``, an ``annotated`` mask of the wrong shape or dtype, or
@@ -433,8 +460,36 @@ class OMEZarrStore:
         check_name(name, "label name", self.url)
         group = self._case(case_id)
         label.check_matches(self.read_image(case_id))
-        mask = annotated_mask(annotated, label.spatial_shape, f"{self.url.rstrip('/')}/{case_id}/labels/{name}")
-        return self._write_label_version(case_id, group, name, label, author=author, message=message, annotated=mask)
+        where = f"{self.url.rstrip('/')}/{case_id}/labels/{name}"
+        mask = annotated_mask(annotated, label.spatial_shape, where)
+        box = changed_box(changed, label.spatial_shape, where)
+        return self._write_label_version(case_id, group, name, label, author=author, message=message, annotated=mask, changed=box, base_version=base_version)
+
+    def _write_version_arrays(
+        self, group: zarr.Group, prefix: str, label: LabelVolume, annotated: np.ndarray | None, factors: Any, base: Mapping[str, Any] | None, changed: Box | None
+    ) -> UnitCounts:
+        """Write the label pyramid (and the annotated mask) of a new version at ``prefix``, sharing
+        unchanged storage objects with the version ``base`` (None: write everything)."""
+
+        def share(source: zarr.Array, target: zarr.Array, coords: tuple[int, ...]) -> bool:
+            key = target.metadata.encode_chunk_key(coords)
+            return self._store.share(f"{source.path}/{key}", f"{target.path}/{key}")
+
+        def base_arrays(paths: list[str]) -> list[zarr.Array] | None:
+            try:
+                return None if base is None else [group[f"{base['path']}/{path}"] for path in paths]
+            except (KeyError, FileNotFoundError):  # a damaged base: write in full
+                return None
+
+        sharding = "row" if self.sharded else None
+        bases = base_arrays([str(level) for level in range(len(factors))])
+        counts = write_levels(group, prefix, label.numpy(), factors, label.spacing, dtype=LABEL_DTYPE, label=True, sharding=sharding, bases=bases, changed=changed, share=share)
+        if annotated is not None:
+            chunks = chunk_shape(label.spatial_shape, label.spacing)[1:]
+            array = create_array(group, f"{prefix}{ANNOTATED}", annotated.shape, chunks, dtype=np.dtype(np.uint8), sharding=sharding)
+            mask_base = base_arrays([ANNOTATED]) if base is not None and base.get("annotated") else None
+            counts += write_arrays([array], annotated, factors[:1], label=True, bases=mask_base, share=share)
+        return counts
 
     def _label_group(self, case_id: str, name: str) -> zarr.Group:
         group = self._case(case_id)
@@ -453,7 +508,11 @@ class OMEZarrStore:
         message: str,
         factors: Any = None,
         annotated: np.ndarray | None = None,
+        changed: Box | None = None,
+        base_version: int | None = None,
     ) -> int:
+        """Write a new version under the label's lock: arrays copy-on-write against the latest version
+        (local stores), fsync'd, then the label's metadata replaced atomically. Returns its number."""
         check_name(name, "label name", self.url)
         if factors is None:
             factors = case_group.attrs["spadkit"]["pyramid_factors_zyx"]
@@ -471,10 +530,11 @@ class OMEZarrStore:
             prefix = f"v{number:04d}/"
             if prefix[:-1] in group:  # left by an interrupted save: never referenced, and we hold the lock
                 del group[prefix[:-1]]
-            write_levels(group, prefix, label.numpy(), factors, label.spacing, dtype=LABEL_DTYPE, label=True, sharded=self.sharded)
-            if annotated is not None:
-                chunks = chunk_shape(label.spatial_shape, label.spacing)[1:]
-                write_array(create_array(group, f"{prefix}{ANNOTATED}", annotated.shape, chunks, dtype=np.dtype(np.uint8), sharded=self.sharded), annotated)
+            base = versions[-1] if versions and self._store.local and self._copy_on_write else None
+            hint = None if base is None or (base_version is not None and base_version != base["version"]) else changed
+            with self._store.journal(f"{group.path}/{prefix}") as journal:
+                counts = self._write_version_arrays(group, prefix, label, annotated, factors, base, hint)
+                self._store.make_durable(journal, upto=group.path)  # before the metadata points at them
             entry = {
                 "version": number,
                 "path": prefix[:-1],
@@ -482,6 +542,9 @@ class OMEZarrStore:
                 "author": author or getpass.getuser(),
                 "message": message,
                 "annotated": annotated is not None,
+                "bytes_written": journal.bytes_written,
+                "chunks_written": counts.written,
+                "chunks_shared": counts.shared,
             }
             multiscale = {"name": name, "axes": _AXES, "datasets": datasets(prefix, factors, label.spacing, label.origin[::-1])}
             properties = [{"label-value": k, "name": v} for k, v in sorted(classes.items())]

@@ -14,6 +14,17 @@ before decoding, so a truncated or garbled chunk is a
 On a local disk every ``zarr.json`` is replaced atomically (temporary file,
 fsync, rename): readers never see half a metadata document.
 
+Label versions are copy-on-write: :meth:`CheckedStore.share` makes a chunk
+(or shard) file of a new version a *hard link* to the previous version's
+file, so every version stays a complete, ordinary Zarr array while an edit
+writes only the files it changes. Sharing is safe because no file is ever
+rewritten in place: Zarr's local store writes a temporary file and renames it
+over the old name (a new inode; the other versions keep theirs), and deleting
+a version only removes its names. :meth:`CheckedStore.journal` records what a
+save wrote so that :meth:`CheckedStore.make_durable` can fsync those files and
+their folders before the metadata that points at them is replaced. Remote
+(fsspec) stores have no links: every version is written in full there.
+
 This is also the one place where spadkit runs a store coroutine synchronously
 (:func:`run_sync`: listing a store's children, reading metadata of many cases
 at once, deleting a case folder whatever its state).
@@ -22,7 +33,11 @@ at once, deleting a case folder whatever its state).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+import os
+import shutil
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,7 +47,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from spadkit.atomic import atomic_path
+from spadkit.atomic import atomic_path, fsync_dir, fsync_file
 from spadkit.errors import CorruptFileError, StoreError
 
 T = TypeVar("T")
@@ -48,6 +63,16 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 def is_chunk_key(key: str) -> bool:
     """True for the key of a chunk or shard (``.../c/0/1/2/3``), False for metadata."""
     return "/c/" in key and not key.endswith("zarr.json")
+
+
+@dataclass
+class Journal:
+    """What was written through a store while a journal was open: bytes, and the keys of written and linked files."""
+
+    prefix: str = ""
+    bytes_written: int = 0
+    written: list[str] = field(default_factory=list)
+    linked: list[str] = field(default_factory=list)
 
 
 class CheckedStore(WrapperStore):
@@ -68,20 +93,91 @@ class CheckedStore(WrapperStore):
         #: Check the Blosc frame header of each chunk of a strict case (unsharded stores only:
         #: a whole-shard read is not one frame).
         self.check_frames = False
+        #: Open journals (shared by every copy), see :meth:`journal`.
+        self.journals: list[Journal] = []
 
     def _with_store(self, store: Any) -> CheckedStore:
         clone = type(self)(store, self.url, self.strict, local=self.local)
         clone.check_frames = self.check_frames
+        clone.journals = self.journals
         return clone
 
     async def set(self, key: str, value: Buffer) -> None:
         """Write ``key``; on a local disk a metadata document is replaced atomically (temp file + rename),
         so a reader never sees half of a ``zarr.json``."""
+        for journal in self.journals:
+            journal.bytes_written += len(value)
+            journal.written.append(key)
         if not (self.local and key.endswith("zarr.json")):
             await self._store.set(key, value)
             return
         self._check_writable()
         await asyncio.to_thread(_replace_file, Path(self._store.root) / key, value.to_bytes())
+
+    @contextmanager
+    def journal(self, prefix: str) -> Iterator[Journal]:
+        """Record every key written (and linked) through this store, by any thread, inside the block.
+
+        Chunks under ``prefix`` (the arrays being written) may be absent meanwhile.
+        """
+        journal = Journal(prefix=prefix.rstrip("/") + "/")
+        self.journals.append(journal)
+        try:
+            yield journal
+        finally:
+            self.journals.remove(journal)
+
+    def share(self, source: str, target: str) -> bool:
+        """Make the file at key ``target`` a hard link to the file at ``source`` (local stores only).
+
+        Where the file system refuses links the file is copied (and counted as written).
+        Returns False, doing nothing, when ``source`` does not exist.
+
+        Raises:
+            StoreError: the store is remote (it cannot share files).
+        """
+        if not self.local:
+            raise StoreError("a remote store cannot share files between label versions", path=self.url, fix="write the version in full.")
+        self._check_writable()
+        root = Path(self._store.root)
+        src, dst = root / source, root / target
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except FileNotFoundError:
+            return False
+        except OSError:  # no hard links here (FAT, some network file systems): a copy is safe too
+            shutil.copyfile(src, dst)
+            for journal in self.journals:
+                journal.bytes_written += dst.stat().st_size
+                journal.written.append(target)
+            return True
+        for journal in self.journals:
+            journal.linked.append(target)
+        return True
+
+    def make_durable(self, journal: Journal, upto: str) -> None:
+        """fsync the files a journal recorded and every folder between them and ``upto`` (a key prefix), inclusive.
+
+        Metadata documents are skipped (their atomic replace already fsyncs them).
+        Does nothing on remote stores, whose writes are durable when they return.
+        """
+        if not self.local:
+            return
+        root = Path(self._store.root)
+        for key in journal.written:
+            if not key.endswith("zarr.json"):
+                fsync_file(root / key)
+        top = upto.strip("/")
+        folders = {top}
+        for key in [*journal.written, *journal.linked]:
+            folder = key.rpartition("/")[0]
+            while folder.startswith(f"{top}/") and folder not in folders:
+                folders.add(folder)
+                folder = folder.rpartition("/")[0]
+        for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):  # children before parents
+            fsync_dir(root / folder)
 
     def _check(self, key: str, value: Buffer | None) -> Buffer | None:
         if not is_chunk_key(key) or key.split("/", 1)[0] not in self.strict:
@@ -89,6 +185,8 @@ class CheckedStore(WrapperStore):
         array, chunk = key.split("/c/", 1)
         where = f"{self.url.rstrip('/')}/{array}"
         if value is None:
+            if any(key.startswith(journal.prefix) for journal in self.journals):
+                return None  # an array being written: a partial shard write reads the shard that is not there yet
             raise StoreError(f"chunk file c/{chunk} is missing", path=where, fix=LOST_CHUNK_FIX)
         problem = blosc_frame_problem(value.as_numpy_array()) if self.check_frames else None
         if problem:
