@@ -13,7 +13,8 @@ depending on timm. Differences that make it spacing-adaptive:
   depth added to all pairs with its own frequencies, as PUMIT's EVA-02 variant);
 * attention is ``torch.nn.functional.scaled_dot_product_attention`` (flash
   attention on GPU);
-* ``mask`` replaces chosen tokens by a learnable mask token (masked image modelling).
+* ``mask`` replaces chosen tokens by a learnable mask token (masked image modelling,
+  SimMIM-style), and :meth:`SpadViT.forward_visible` encodes only chosen tokens (MAE).
 
 Every forward takes ``spacing`` ``(B, 3)`` or ``(3,)`` in mm ``(Z, Y, X)``; a
 batch must share one anisotropy level.
@@ -248,6 +249,26 @@ class SpadViT(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, rope, self.num_prefix_tokens)
         return self.norm(tokens)
+
+    def forward_visible(
+        self, x: torch.Tensor, spacing: torch.Tensor | Sequence[float], keep: torch.Tensor, level: int | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Encode only the tokens ``keep`` ``(B, V)`` (indices into the ``N`` patch tokens, MAE's encoder).
+
+        Every token keeps its own position embedding and rotary angles, so the encoder never
+        sees where the dropped tokens were. Returns ``(B, 1 + V, C)`` normalised tokens (cls
+        first, then ``keep``'s order) and the full token grid.
+        """
+        tokens, grid = self.embed(x, spacing, level=level)
+        prefix, dim = self.num_prefix_tokens, tokens.shape[-1]
+        visible = tokens[:, prefix:].gather(1, keep[..., None].expand(-1, -1, dim))
+        tokens = torch.cat([tokens[:, :prefix], visible], dim=1)
+        rope = self._rope(grid, tokens.device)
+        if rope is not None:  # per-sample angles (B, 1, V, D/2), broadcast over the heads
+            rope = tuple(table[keep][:, None] for table in rope)
+        for block in self.blocks:
+            tokens = block(tokens, rope, prefix)
+        return self.norm(tokens), grid
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Classification from the cls token of :meth:`forward_features`' output."""

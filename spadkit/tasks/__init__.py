@@ -10,9 +10,10 @@ from spadkit._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from spadkit.tasks.finetune import ClsFinetune, SegFinetune
+    from spadkit.tasks.mae import MAEPretrain
     from spadkit.tasks.pretrain import MIMPretrain, adamw_with_cosine
     from spadkit.tasks.tokenizer import TokenizerPretrain
 
-_EXPORTS = {"ClsFinetune": "spadkit.tasks.finetune", "SegFinetune": "spadkit.tasks.finetune", "MIMPretrain": "spadkit.tasks.pretrain", "adamw_with_cosine": "spadkit.tasks.pretrain", "TokenizerPretrain": "spadkit.tasks.tokenizer"}
-__all__ = ["ClsFinetune", "MIMPretrain", "SegFinetune", "TokenizerPretrain", "adamw_with_cosine"]
+_EXPORTS = {"ClsFinetune": "spadkit.tasks.finetune", "MAEPretrain": "spadkit.tasks.mae", "SegFinetune": "spadkit.tasks.finetune", "MIMPretrain": "spadkit.tasks.pretrain", "adamw_with_cosine": "spadkit.tasks.pretrain", "TokenizerPretrain": "spadkit.tasks.tokenizer"}
+__all__ = ["ClsFinetune", "MAEPretrain", "MIMPretrain", "SegFinetune", "TokenizerPretrain", "adamw_with_cosine"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
