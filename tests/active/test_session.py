@@ -11,7 +11,7 @@ import torch
 from spadkit.active import AnnotationSession, annotated_mask, region_mask
 from spadkit.active import features_cache as cache
 from spadkit.active import session as session_module
-from spadkit.active.history import decode
+from spadkit.active.history import decode, encode
 from spadkit.errors import SpadkitError, StoreError
 from spadkit.io.omezarr import OMEZarrStore
 from spadkit.models import create_model
@@ -213,3 +213,36 @@ def test_annotated_mask_reads_the_reviewed_voxels_of_a_version(store, truth, lab
     session.submit_correction(2, 50, truth_slice(truth, 2, 50))
     np.testing.assert_array_equal(annotated_mask(store, CASE, label_name), session.annotated)
     assert annotated_mask(store, CASE, label_name, first.version).sum() == Z * X
+
+
+def test_the_store_records_the_annotated_voxels_of_every_version_and_old_versions_still_read(store, truth, label_name):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
+    session.submit_correction(0, 40, truth_slice(truth, 0, 40))
+    session.submit_correction(2, 50, truth_slice(truth, 2, 50))
+    session.undo()
+    session.redo()
+    session.undo()
+    session.undo()
+    for entry in store.label_versions(CASE, label_name):
+        stored = np.asarray(store.read_annotated(CASE, label_name, entry["version"])[...], bool)
+        np.testing.assert_array_equal(stored, region_mask(decode(entry["message"])["annotated"], SHAPE))
+    assert not session.annotated.any() and store.read_annotated(CASE, label_name) is not None  # all undone: nothing reviewed
+    record = {"op": "correction", "item": {"axis": 1, "index": 60, "split": "train"}, "parent": 0, "annotated": [{"axis": 1, "index": 60, "split": "train"}]}
+    label = np.zeros(SHAPE, np.int32)
+    label[:, 60] = truth[:, 60]
+    store.save_label(CASE, LabelVolume(label, store.read_image(CASE).affine), label_name, message=encode(record))  # as sessions saved before masks
+    old = AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
+    assert store.read_annotated(CASE, label_name) is None
+    assert old.annotated.sum() == Z * X and old.annotated[:, 60].all()
+    np.testing.assert_array_equal(annotated_mask(store, CASE, label_name), old.annotated)
+
+
+@pytest.mark.parametrize(
+    ("region", "match"),
+    [((slice(0, Z + 5),), "outside the z axis"), ((slice(10, 10),), "or empty"), ((slice(0, 5), slice(0, 5), slice(0, 5), slice(0, 1)), "at most 3 axes"), ((slice(0, 4, 2),), "outside")],
+)
+def test_a_bad_region_is_refused_with_a_fix(store, label_name, region, match):
+    session = AnnotationSession(store, CASE, tiny_model(), label_name)
+    with pytest.raises(SpadkitError, match=match) as info:
+        session.predict(region)
+    assert info.value.fix and session.visible is None
