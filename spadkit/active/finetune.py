@@ -96,9 +96,9 @@ def default_threads() -> int:
 class FinetuneJob:
     """A running (or finished) fine-tune of a session; made by :meth:`AnnotationSession.start_finetune`."""
 
-    def __init__(self, session: Any, folder: Path, max_steps: int, process: Any):
+    def __init__(self, session: Any, folder: Path, max_steps: int, version: int, process: Any):
         self.session, self.folder, self.max_steps, self.process = session, folder, max_steps, process
-        self.id = folder.name
+        self.id, self.version = folder.name, version  # version: the label version it learns from
         self.started = time.perf_counter()
         self.cancelled = False
         self.result: FinetuneResult | None = None
@@ -150,11 +150,15 @@ def remove_weights(folder: Path) -> None:
 
 
 def clean_stale_jobs(session_folder: Path) -> None:
-    """Delete weights of jobs no process finishes any more: half-written ones, and finished ones never scored
-    (the session that started them ended first). Called at session start."""
+    """Delete the weights of jobs nobody will score: half-written ones and finished ones whose child and
+    starting process have both ended (that session died before polling). Called at session start."""
     for job in (session_folder / "finetune").glob("*"):
-        pid = worker.read_progress(job).get("pid")
-        if pid is None or not _alive(int(pid)):
+        try:
+            parent = json.loads((job / worker.SPEC).read_text()).get("parent_pid")
+        except (OSError, ValueError):
+            parent = None
+        child = worker.read_progress(job).get("pid")
+        if not any(pid is not None and _alive(int(pid)) for pid in (parent, child)):
             remove_weights(job)
 
 
@@ -163,9 +167,9 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # another user's process
         return True
-    return pid != os.getpid()
+    return True
 
 
 def start(session: Any, *, max_steps: int, device: str | None, lr: float, crop_tokens: int, threads: int | None, seed: int, score_network: bool) -> FinetuneJob:
@@ -208,11 +212,12 @@ def start(session: Any, *, max_steps: int, device: str | None, lr: float, crop_t
         "score_network": bool(score_network),
         "threads": threads or default_threads(),
         "seed": seed,
+        "parent_pid": os.getpid(),
     }
     (folder / worker.SPEC).write_text(json.dumps(spec, indent=1))
     process = _context().Process(target=worker.run_job, args=(str(folder),), name=f"spadkit-finetune-{folder.name}", daemon=True)
     process.start()
-    return FinetuneJob(session, folder, max_steps, process)
+    return FinetuneJob(session, folder, max_steps, spec["version"], process)
 
 
 def outcome(job: FinetuneJob) -> tuple[dict[str, Any], Path | None]:

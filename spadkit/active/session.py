@@ -525,7 +525,7 @@ class AnnotationSession:
             job=job.id,
         )
         job.result = result
-        self._finetunes.append({**dataclasses.asdict(result), "version": int(info.get("version", self._state_version)), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self._finetunes.append({**dataclasses.asdict(result), "version": job.version, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         self._write_state()
         return result
 

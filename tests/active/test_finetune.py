@@ -125,10 +125,13 @@ def test_a_model_without_a_segmentation_variant_cannot_be_finetuned(store, truth
 
 def test_stale_weights_of_a_dead_job_are_removed_at_session_start(store, truth, label_name):
     session = corrected(store, truth, label_name, PLAN[:3])
-    job = session.folder / "finetune" / "dead"
-    (job / worker.PARTIAL).mkdir(parents=True)
-    (job / worker.PARTIAL / "model.pt").write_bytes(b"half")
-    worker.write_progress(job, state="running", step=3, pid=2**22 + 12345)  # no such process
+    dead, unscored = session.folder / "finetune" / "dead", session.folder / "finetune" / "unscored"
+    for job, parent in ((dead, 2**22 + 12345), (unscored, os.getpid())):  # no such process; this one, not polled yet
+        (job / worker.PARTIAL).mkdir(parents=True)
+        (job / worker.PARTIAL / "model.pt").write_bytes(b"half")
+        (job / worker.SPEC).write_text(json.dumps({"parent_pid": parent}))
+        worker.write_progress(job, state="running", step=3, pid=2**22 + 12346)
     AnnotationSession(store, CASE, tiny_model(), label_name, steps=5)
-    assert not (job / worker.PARTIAL).exists() and (job / worker.PROGRESS).is_file()
+    assert not (dead / worker.PARTIAL).exists() and (dead / worker.PROGRESS).is_file()
+    assert (unscored / worker.PARTIAL).is_dir()  # its session may still poll it
     assert cache.feature_path(store, CASE, session.backbone_version).is_file()
