@@ -112,7 +112,7 @@ def training_mask(store: Any, case_id: str, name: str, version: int, shape: tupl
     if not items:
         raise SpadkitError(f"label {name!r} version {version} has no training correction", fix="correct a few slices first.")
     mask = region_mask(items, shape)
-    annotated = store.read_annotated(case_id, name, version) if hasattr(store, "read_annotated") else None
+    annotated = store.read_annotated(case_id, name, version)
     if annotated is not None:
         mask &= np.asarray(annotated[...], bool)
     return mask, [item_box(i, shape) for i in items]
