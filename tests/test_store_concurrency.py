@@ -1,4 +1,5 @@
-"""Concurrent writers with real processes: label saves get distinct, whole versions; ingest runs lock the store."""
+"""Concurrent writers with real processes: label saves get distinct, whole versions (full and copy-on-write);
+ingest runs lock the store."""
 
 from __future__ import annotations
 
@@ -60,6 +61,59 @@ def test_two_processes_saving_labels_at_once_get_distinct_complete_versions(tmp_
                 assert np.all(voxels == value), f"trial {trial}: version {number} mixes both writers' voxels"
         latest = store.read_label("case")
         assert latest.meta["version"] == 3 and np.all(latest.numpy() == next(v for v, n in numbers.items() if n == 3))
+
+
+EDITS = 6  # one-slice corrections per writer, on one shared case
+#: Where each writer corrects: (y, x) boxes in different chunks (chunks are 64 voxels in-plane).
+REGIONS = ((slice(10, 50), slice(0, 30)), (slice(10, 50), slice(70, 96)))
+
+
+def _corrector(url: str, writer: int, barrier, results) -> None:
+    """One annotator process: read the latest version, correct one slice of it, save copy-on-write with the hint."""
+    store = OMEZarrStore(url, mode="a")
+    for edit in range(EDITS):
+        barrier.wait()  # both writers start from the same latest version, so their saves race
+        base = store.label_versions("case")[-1]["version"]
+        label = store.read_label("case", version=base)
+        voxels = label.numpy().copy()
+        z = 2 * edit + writer
+        voxels[0, z, REGIONS[writer][0], REGIONS[writer][1]] = writer + 1
+        changed = (slice(z, z + 1), *REGIONS[writer])
+        number = store.save_label("case", LabelVolume(voxels, label.affine), author=f"writer{writer}", changed=changed, base_version=base, message=f"{base} {z}")
+        results.put((writer, number))
+
+
+def test_two_processes_correcting_one_case_copy_on_write_never_lose_or_mix_a_version(tmp_path, spawn):
+    url = str(tmp_path / "s.zarr")
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    store = OMEZarrStore(url, mode="a")
+    store.write_case("case", Volume(np.zeros(SHAPE, np.int16), affine), LabelVolume(np.zeros(SHAPE, np.uint8), affine))
+    barrier, results = spawn.Barrier(2), spawn.Queue()
+    writers = [spawn.Process(target=_corrector, args=(url, writer, barrier, results)) for writer in (0, 1)]
+    for writer in writers:
+        writer.start()
+    outcomes = [results.get(timeout=120) for _ in range(2 * EDITS)]
+    for writer in writers:
+        writer.join(timeout=60)
+        assert writer.exitcode == 0
+    versions = OMEZarrStore(url).label_versions("case")
+    assert [v["version"] for v in versions] == list(range(1, 2 * EDITS + 2))
+    assert sorted(number for _, number in outcomes) == list(range(2, 2 * EDITS + 2))  # every save its own version
+    store = OMEZarrStore(url)
+    levels = len(store.case_attrs("case")["pyramid_factors_zyx"])
+    for entry in versions[1:]:
+        base, z = map(int, entry["message"].split())
+        writer = int(entry["author"].removeprefix("writer"))
+        expected = store.read_label("case", version=base).numpy().copy()
+        expected[0, z, REGIONS[writer][0], REGIONS[writer][1]] = writer + 1
+        np.testing.assert_array_equal(store.read_label("case", version=entry["version"]).numpy(), expected, err_msg=f"v{entry['version']}")
+        full = OMEZarrStore(str(tmp_path / f"full{entry['version']}.zarr"), mode="a")
+        full.write_case("case", Volume(np.zeros(SHAPE, np.int16), affine), LabelVolume(expected, affine))
+        for level in range(1, levels):  # the coarser levels equal a pyramid written from scratch
+            np.testing.assert_array_equal(store.read_label("case", version=entry["version"], level=level).numpy(), full.read_label("case", level=level).numpy())
+    assert any(v["chunks_shared"] for v in versions[1:])
+    raced = sum(int(v["message"].split()[0]) != v["version"] - 1 for v in versions[1:])
+    assert raced >= EDITS // 2  # many saves found a newer version than the one they edited (their hint was not trusted)
 
 
 def _hold_ingest_lock(url: str, ready) -> None:
