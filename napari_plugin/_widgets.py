@@ -79,8 +79,6 @@ SESSION_MODELS = ("spad_vit_*", "spad_eva_*", "spad_unetr_*")
 MODEL_SEED = 0
 #: How often the fine-tune's progress is read (ms).
 POLL_MS = 200
-FINETUNE_AVAILABLE = hasattr(AnnotationSession, "start_finetune")
-FINETUNE_MISSING = "Full fine-tuning needs AnnotationSession.start_finetune, which this spadkit does not have yet; Learn refits the light head only."
 
 
 def build_model(name: str, weights: Path | None) -> nn.Module:
@@ -139,6 +137,7 @@ class AnnotationWidget(Container):
         self.next_button = PushButton(text="Next slice", tooltip="go to the slice whose correction should help most, and say why")
         self.undo_button, self.redo_button = PushButton(text="Undo"), PushButton(text="Redo")
         self.finetune = CheckBox(text="then fine-tune the backbone (background process)", value=False)
+        self.finetune.tooltip = "after Learn, fine-tune backbone and decoder on all corrections in a separate process (needs 2 training and 1 validation slice); swapped in when better on the validation slices"
         self.finetune_steps = SpinBox(label="fine-tune steps", value=200, min=1, max=100_000)
         self.progress = ProgressBar(label="fine-tune", value=0, min=0, max=1)
         self.cancel_button = PushButton(text="Cancel fine-tune")
@@ -153,10 +152,7 @@ class AnnotationWidget(Container):
             ]
         )  # fmt: skip
         self.status.native.setWordWrap(True)
-        if not FINETUNE_AVAILABLE:
-            for widget in (self.finetune, self.finetune_steps, self.cancel_button):
-                widget.tooltip = FINETUNE_MISSING
-        self._poll_timer = QTimer()
+        self._poll_timer = QTimer(self.native)  # stops with the widget
         self._poll_timer.setInterval(POLL_MS)
         self._poll_timer.timeout.connect(self._poll_finetune)
         self.store_path.changed.connect(self.case.reset_choices)
@@ -200,20 +196,23 @@ class AnnotationWidget(Container):
             button.enabled = idle and open_
         self.undo_button.enabled = idle and open_ and bool(self.session.log.done)
         self.redo_button.enabled = idle and open_ and bool(self.session.log.undone)
-        self.finetune.enabled = self.finetune_steps.enabled = FINETUNE_AVAILABLE
-        self.cancel_button.enabled = self.job is not None
+        self.cancel_button.enabled = self.job is not None and not self.job.cancelled
 
     # ------------------------------------------------------------------ workers
-    def _run(self, doing: str, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
-        """Run ``work`` in a thread worker, then ``done(result)`` in the GUI thread; the buttons wait meanwhile."""
+    def _run(self, doing: str, work: Callable[[], Any], done: Callable[[Any], None], failed: Callable[[BaseException], None] | None = None) -> None:
+        """Run ``work`` in a thread worker, then ``done(result)`` (or ``failed(error)``) in the GUI thread; the buttons wait meanwhile."""
         self.busy = doing
         self.status.value = f"{doing}..."
         self._update_buttons()
-        self._worker = create_worker(work, _connect={"returned": done, "errored": self._failed, "finished": self._idle})
+        worker = create_worker(work, _start_thread=False, _connect={"returned": done, "errored": failed or self._failed})
+        worker.finished.connect(functools.partial(self._idle, worker))
+        self._worker = worker
+        worker.start()
 
-    def _idle(self) -> None:
-        self.busy, self._worker = None, None
-        self._update_buttons()
+    def _idle(self, worker: Any) -> None:
+        if worker is self._worker:  # not when ``done`` has started the next one
+            self.busy, self._worker = None, None
+            self._update_buttons()
 
     def _failed(self, error: BaseException) -> None:
         self.status.value = f"Error: {error}"
@@ -256,7 +255,8 @@ class AnnotationWidget(Container):
 
     def close_session(self) -> None:
         """Cancel a running fine-tune and remove the session's layers (the store keeps everything)."""
-        self._cancel_finetune()
+        if self.job is not None:
+            self.job.cancel()
         self._poll_timer.stop()
         self.job = None
         for layer in self.layers.values():
@@ -313,8 +313,8 @@ class AnnotationWidget(Container):
         def done(result: Round) -> None:
             self._refresh()
             self.status.value = f"Learned {AXIS_NAMES[axis]} slice {index}: {_round_text(result)}"
-            if self.finetune.value and FINETUNE_AVAILABLE and self.job is None:
-                self._start_finetune()
+            if self.finetune.value and self.job is None:
+                self._start_finetune(self.status.value)
 
         self._run(f"learning from {AXIS_NAMES[axis]} slice {index}", work, done)
 
@@ -355,24 +355,30 @@ class AnnotationWidget(Container):
         self._run(f"{op}ing", work, done)
 
     # ------------------------------------------------------------------ full fine-tune (separate process)
-    def _start_finetune(self) -> None:
+    def _start_finetune(self, learned: str) -> None:
+        """Start the full fine-tune in its process; ``learned`` (the Learn message) stays on show."""
         steps = self.finetune_steps.value
 
         def started(job: Any) -> None:
             self.job = job
             self.progress.max, self.progress.value = steps, 0
             self._poll_timer.start()
+            self.status.value = f"{learned} Fine-tune of the backbone started ({steps} steps, in a separate process)."
             self._update_buttons()
 
-        self._run("starting the backbone fine-tune", lambda: self.session.start_finetune(max_steps=steps), started)
+        def refused(error: BaseException) -> None:
+            self.status.value = f"{learned} Fine-tune not started: {error}"
+
+        self._run("starting the backbone fine-tune", lambda: self.session.start_finetune(max_steps=steps), started, refused)
 
     def _poll_finetune(self) -> None:
         progress = self.job.progress()
         self.progress.max = max(int(progress["max_steps"]), 1)
         self.progress.value = min(int(progress["step"]), self.progress.max)
         loss = "" if progress.get("loss") is None else f", loss {progress['loss']:.3f}"
-        self.progress.tooltip = f"{progress['state']}: step {progress['step']}/{progress['max_steps']}{loss}. {progress.get('message', '')}"
-        if progress["state"] == "running" or self.busy is not None:
+        self.progress.native.setFormat(f"{progress['state']}: step %v/%m{loss}")
+        self.progress.tooltip = progress.get("message", "")
+        if self.job.running or self.busy is not None:  # scored once its process has ended and the session is free
             return
         self._poll_timer.stop()
 
@@ -387,11 +393,16 @@ class AnnotationWidget(Container):
             self._refresh()
             self.status.value = f"Fine-tune {progress['state']}: " + ("nothing to swap in." if result is None else _finetune_text(result))
 
-        self._run("scoring the fine-tuned weights on the validation slices", work, done)
+        def failed(error: BaseException) -> None:
+            self.job = None
+            self._failed(error)
+
+        self._run("scoring the fine-tuned weights on the validation slices", work, done, failed)
 
     def _cancel_finetune(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
+        """Stop the fine-tune's process (in a thread: it may take seconds to exit); the timer then reports it."""
+        self.cancel_button.enabled = False
+        create_worker(self.job.cancel, _connect={"errored": self._failed})
 
 
 def _slice_name(box: tuple[slice, ...]) -> str:

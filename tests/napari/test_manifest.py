@@ -18,10 +18,14 @@ def test_npe2_validate_passes_with_imports():
     assert "valid" in result.stdout
 
 
-def test_the_installed_manifest_contributes_reader_writer_and_sample():
+def test_the_installed_manifest_contributes_reader_writer_sample_and_widget():
     manifest = PluginManager.instance().get_manifest("spadkit")
     contributions = manifest.contributions
     assert {"*.nii.gz", "*.nrrd", "*.zarr"} <= set(contributions.readers[0].filename_patterns)
     assert contributions.readers[0].accepts_directories  # DICOM folders and stores
     assert contributions.writers[0].layer_types == ["labels"]
     assert [s.key for s in contributions.sample_data] == ["mni152"]
+    [widget] = contributions.widgets
+    assert widget.display_name == "Annotate"
+    [command] = [c for c in contributions.commands if c.id == widget.command]
+    assert command.python_name == "spadkit_napari._widgets:AnnotationWidget"

@@ -9,6 +9,7 @@ features cached (tests/active's ``make_store``); the annotator's truth is its gr
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from napari.layers import Labels
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QApplication
-from spadkit_napari._annotation import DIMS_ORDER, slice_on_screen
+from spadkit_napari._annotation import DIMS_ORDER, show_slice, slice_on_screen
 from spadkit_napari._geometry import layer_transform
 from spadkit_napari._stall import StallProbe
 from spadkit_napari._widgets import AnnotationWidget
@@ -25,6 +26,7 @@ from spadkit_napari._widgets import AnnotationWidget
 from spadkit.active.history import decode
 from spadkit.io import OMEZarrStore
 from tests.active.conftest import CASE, make_store
+from tests.napari.conftest import save_screenshot
 
 pytestmark = pytest.mark.gui
 
@@ -182,3 +184,73 @@ def test_a_labels_layer_off_the_grid_or_a_3d_view_is_refused_and_nothing_is_save
     click(qtbot, widget, widget.learn_button)
     assert "the viewer shows 3D" in widget.status.value
     assert "refused" not in OMEZarrStore(str(store_path)).label_names(CASE)
+
+
+@pytest.mark.slow  # two fine-tune processes (forkserver start, torch import, a few UNETR steps): ~1 min on 2 busy cores
+def test_learn_then_fine_tunes_in_another_process_with_progress_and_cancel(make_napari_viewer, qtbot, mni):
+    store_path, truth = mni
+    viewer = make_napari_viewer(show=True)
+    widget = open_widget(viewer, qtbot, store_path, "full")
+    labels = widget.layers["labels"]
+    widget.finetune.value, widget.finetune_steps.value = True, 2
+    for axis, index in [(0, 40), (1, 55), (2, 50)]:  # two training slices and one validation slice, one per view
+        show_slice(viewer, labels, axis, index)
+        correct(labels, axis, index, truth)
+        click(qtbot, widget, widget.learn_button, timeout_ms=300_000)  # the first fine-tune starts the fork server
+    assert "Fine-tune not started" not in widget.status.value, widget.status.value
+    assert widget.job is not None and widget.job.process.pid != os.getpid()
+    assert widget.cancel_button.enabled and widget.progress.max == 2
+    with StallProbe(interval_ms=10) as probe:
+        qtbot.waitUntil(lambda: widget.job is None and widget.busy is None, timeout=300_000)
+    print(f"\nwhile fine-tuning: longest GUI stall {probe.max_ms:.0f} ms over {len(probe.gaps_ms)} ticks; {widget.status.value}")
+    assert widget.status.value.startswith("Fine-tune done: ") and "validation Dice" in widget.status.value
+    row = widget.session.history()[-1]
+    assert row["op"] == "finetune" and row["steps"] == 2
+    assert widget.history.data[widget.history.shape[0] - 1][:2] == ["finetune", "accepted" if row["accepted"] else "rejected"]
+
+    widget.finetune_steps.value = 500
+    show_slice(viewer, labels, 0, 60)
+    correct(labels, 0, 60, truth)
+    click(qtbot, widget, widget.learn_button)
+    job = widget.job
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=300_000)  # the bar follows the child's steps
+    assert job.progress()["state"] == "running"
+    qtbot.mouseClick(widget.cancel_button.native, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.job is None and widget.busy is None, timeout=60_000)
+    assert not job.running and widget.status.value.startswith("Fine-tune cancelled: kept the previous weights")
+    assert widget.history.data[widget.history.shape[0] - 1][:2] == ["finetune", "rejected"]
+
+
+@pytest.mark.slow  # the MNI152 at 1 mm: store, features and four rounds, ~1 min on 2 busy cores
+def test_screenshot_of_the_widget_with_a_prediction_and_its_uncertainty(make_napari_viewer, qtbot, tmp_path, artifacts):
+    store_path, truth = make_store(tmp_path / "mni1.zarr", 1)
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1280, 1000)
+    widget = open_widget(viewer, qtbot, store_path, "seg")
+    labels = widget.layers["labels"]
+    for _ in range(3):  # a person correcting the suggested slices
+        click(qtbot, widget, widget.next_button)
+        axis, index = slice_on_screen(viewer, labels)
+        correct(labels, axis, index, truth)
+        click(qtbot, widget, widget.learn_button)
+    click(qtbot, widget, widget.next_button)
+    save_screenshot(viewer, artifacts, "widget_next_slice", canvas_only=False)
+    show_slice(viewer, labels, 0, 100)
+    click(qtbot, widget, widget.predict_button)
+    assert "Predicted z slice 100" in widget.status.value
+    shot = save_screenshot(viewer, artifacts, "widget_prediction_uncertainty", canvas_only=False)[..., :3]
+
+    window = viewer.window._qt_window
+    canvas, dock = viewer.window._qt_viewer.canvas.native, widget.native
+    assert shot.shape[:2] == (window.height(), window.width()) and shot.shape[1] > canvas.width() + dock.width() / 2
+
+    def region(qwidget):
+        corner = qwidget.mapTo(window, qwidget.rect().topLeft())
+        return shot[corner.y() : corner.y() + qwidget.height(), corner.x() : corner.x() + qwidget.width()]
+
+    brain, panel = region(canvas), region(dock)
+    assert (brain.mean(axis=2) > 30).mean() > 0.1 and panel.std() > 20  # neither black: the slice and the widget's text
+    # the uncertainty (inferno, additive) glows orange at the tissue borders; the corrections layer colours the gray matter
+    warm = (brain[..., 0].astype(int) - brain[..., 2] > 60) & (brain[..., 0] > 120)
+    assert warm.sum() > 500, warm.sum()
+    assert widget.history.shape[0] == 3 and all(widget.history.data[i][2] != "-" for i in (1, 2))  # edit Dice per round
