@@ -1,0 +1,257 @@
+"""Few-shot fine-tuning throughput of SPAD-UNETR, side by side with MONAI's UNETR.
+
+One *step* is what ``SegFinetune`` does per batch: zero the gradients, forward,
+the masked Dice + cross-entropy loss over the annotated voxels
+(``SegFinetune.loss``), backward, and an AdamW step of its own
+``configure_optimizers()`` (layer-wise decay groups).
+
+Data: nilearn's MNI152 T1 (1 mm, 189 x 233 x 197 voxels) in an OME-Zarr store
+with a label version that annotates ``ANNOTATED_SLICES`` axial slices of the
+gray matter (probability > 0.5) and leaves the rest unknown: the few-shot case
+of the annotation loop. Batches come from ``PatchStream`` with the label-weighted
+sampler restricted to the annotated slices (2 reader threads, as the fine-tune
+configs), patch ``--patch`` voxels, ``--batch`` patches per batch.
+
+Runs (each ``--warmup`` untimed steps, then ``--steps`` timed ones):
+
+* ``feed="stream"``: spadkit models trained straight from the stream (loading,
+  host-to-device copy and the step all inside the timing);
+* ``feed="tensors"``: the same batches pre-read into memory, for spadkit's
+  ``spad_unetr_small`` and for the peer ``monai_unetr_small``:
+  ``monai.networks.nets.UNETR`` of the same width, depth, heads and feature size
+  (hidden 384, 12 blocks, 6 heads, feature size 16, patch 16, ``img_size`` =
+  the patch), with the very same loss and AdamW settings. The gap between the
+  two feeds of ``spad_unetr_small`` is what the loader costs.
+
+CPU: ``torch.set_num_threads(--threads)`` (default 1: on the shared 2-core machine
+under a load of ~17, two OpenMP threads made a ``spad_unetr_test`` step 12x slower,
+26 s against 1.5 s), float32, ``peak_memory_mb`` None.
+GPU (when ``torch.cuda.is_available()``): ``spad_unetr_base`` (stream and
+tensors) and ``monai_unetr_base`` (tensors) on ``--gpu-patch`` patches, batch
+``--gpu-batch``, bf16 autocast, ``peak_memory_mb`` =
+``torch.cuda.max_memory_allocated`` during the run. ``samples_per_s`` is the
+batch size over the median step time.
+
+Usage::
+
+    python benchmarks/finetune_speed.py --out benchmarks/results/finetune_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import cpu_model, package_version
+
+from spadkit.data import DatasetSource, LabelSampler, PatchStream
+from spadkit.demo import nilearn_file
+from spadkit.ingest import intensity_stats
+from spadkit.io import OMEZarrStore, read_volume
+from spadkit.tasks.finetune import SegFinetune
+from spadkit.volume import LabelVolume
+
+#: Axial slices of the MNI152 volume a person reviewed (evenly spread over the brain).
+ANNOTATED_SLICES = tuple(range(40, 150, 14))
+#: MONAI UNETR settings matching each SPAD-UNETR (width, heads, feature size; 12 blocks).
+MONAI_PEERS = {"spad_unetr_small": {"hidden_size": 384, "mlp_dim": 1536, "num_heads": 6, "feature_size": 16},
+               "spad_unetr_base": {"hidden_size": 768, "mlp_dim": 3072, "num_heads": 12, "feature_size": 16}}  # fmt: skip
+
+
+def annotated_store(folder: Path) -> str:
+    """The MNI152 T1 with a ``seg`` label version annotated on :data:`ANNOTATED_SLICES` only."""
+    image = read_volume(nilearn_file("t1"))
+    gray = read_volume(nilearn_file("gm")).numpy()[0]
+    known = np.zeros(image.spatial_shape, bool)
+    known[list(ANNOTATED_SLICES)] = True
+    label = LabelVolume(np.where(known, gray / gray.max() > 0.5, 0)[None].astype(np.uint8), image.affine)
+    store = OMEZarrStore(str(folder / "mni.zarr"), mode="a")
+    store.write_case("mni152", image, None, attrs={"intensity": intensity_stats(image)})
+    store.save_label("mni152", label, annotated=known, message=f"{len(ANNOTATED_SLICES)} reviewed axial slices")
+    return store.url
+
+
+def make_stream(url: str, patch: int, batch: int) -> PatchStream:
+    return PatchStream([DatasetSource(url, label="seg")], patch_size=patch, batch_size=batch, sampler=LabelSampler(0.5), samples_per_case=16, num_threads=2)
+
+
+def cycle(stream: PatchStream) -> Iterator[dict[str, Any]]:
+    """The stream's batches, epoch after epoch."""
+    while True:
+        yield from stream
+
+
+class Step:
+    """One fine-tuning step of a segmenter with ``SegFinetune``'s loss and optimiser."""
+
+    def __init__(self, name: str, patch: int, device: torch.device, bf16: bool):
+        self.task = SegFinetune(model=name if name.startswith("spad_") else "spad_unetr_test", num_classes=2)
+        if name.startswith("monai_"):
+            from monai.networks.nets import UNETR
+
+            peer = MONAI_PEERS[name.replace("monai_", "spad_")]
+            self.model: torch.nn.Module = UNETR(1, 2, img_size=patch, qkv_bias=True, **peer)
+            self.forward = lambda batch: self.model(batch["image"])
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.task.hparams.lr, weight_decay=self.task.hparams.weight_decay)
+        else:
+            self.model = self.task.model
+            self.forward = lambda batch: self.model(batch["image"], batch["spacing"])
+            self.optimizer = self.task.configure_optimizers()["optimizer"]
+        self.model.to(device).train()
+        self.task.to(device)
+        self.device, self.bf16 = device, bf16
+
+    def __call__(self, batch: dict[str, Any]) -> float:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        self.optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with autocast:
+            logits = self.forward(batch)
+        loss = self.task.loss(logits.float(), *self.task._targets(batch))
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @property
+    def params_m(self) -> float:
+        return sum(p.numel() for p in self.model.parameters()) / 1e6
+
+
+def measure(name: str, feed: Callable[[], Iterator[dict[str, Any]]], args: argparse.Namespace, device: torch.device, patch: int, batch: int) -> dict[str, Any]:
+    """Median step time of ``name`` fed by ``feed`` (``args.warmup`` untimed steps first)."""
+    bf16 = device.type == "cuda"
+    torch.manual_seed(0)
+    step = Step(name, patch, device, bf16)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    batches = feed()
+    seconds, losses = [], []
+    for i in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        losses.append(step(next(batches)))
+        sync()
+        if i >= args.warmup:
+            seconds.append(time.perf_counter() - start)
+    median = float(np.median(seconds))
+    return {
+        "model": name,
+        "implementation": "monai" if name.startswith("monai_") else "spadkit",
+        "device": device.type,
+        "precision": "bf16-mixed" if bf16 else "fp32",
+        "batch_size": batch,
+        "patch": [patch] * 3,
+        "samples_per_s": round(batch / median, 3),
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+        "s_per_step": round(median, 4),
+        "s_per_step_iqr": [round(float(q), 4) for q in np.percentile(seconds, [25, 75])],
+        "params_m": round(step.params_m, 2),
+        "first_last_loss": [round(losses[0], 4), round(losses[-1], 4)],
+    }
+
+
+def section(url: str, models: Sequence[str], args: argparse.Namespace, device: torch.device, patch: int, batch: int) -> list[dict[str, Any]]:
+    """Stream-fed runs of ``models``, then tensor-fed runs of the last one and its MONAI peer on the same batches."""
+    runs = []
+    for name in models:
+        runs.append({**measure(name, lambda: cycle(make_stream(url, patch, batch)), args, device, patch, batch), "feed": "stream"})
+        print(json.dumps(runs[-1]), flush=True)
+    stream = make_stream(url, patch, batch)
+    cached = list(itertools.islice(cycle(stream), args.warmup + args.steps))
+    peer = models[-1].replace("spad_", "monai_")
+    for name in (models[-1], peer):
+        runs.append({**measure(name, lambda: iter(cached), args, device, patch, batch), "feed": "tensors"})
+        print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
+def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    devices = sorted({r["device"] for r in runs})
+    figure = Figure(figsize=(6 * len(devices), 3.6), layout="constrained")
+    for axis, device in zip(figure.subplots(1, len(devices), squeeze=False)[0], devices):
+        mine = [r for r in runs if r["device"] == device]
+        labels = [f"{r['model']}\n{r['feed']}" for r in mine]
+        colours = ["tab:orange" if r["implementation"] == "monai" else "tab:blue" if r["feed"] == "stream" else "tab:cyan" for r in mine]
+        bars = axis.barh(labels, [r["samples_per_s"] for r in mine], color=colours)
+        axis.bar_label(bars, [f"{r['samples_per_s']:.2f}" + (f" ({r['peak_memory_mb']:.0f} MB)" if r["peak_memory_mb"] else "") for r in mine], padding=3)
+        axis.invert_yaxis()
+        axis.set_xlabel("fine-tuning samples/s (higher is better)")
+        axis.set_title(f"{device}, {mine[0]['precision']}, batch {mine[0]['batch_size']}, patch {mine[0]['patch'][0]}^3")
+        axis.margins(x=0.35)
+    figure.savefig(path, dpi=120)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_speed.json"))
+    parser.add_argument("--patch", type=int, default=32, help="CPU patch edge in voxels (1 mm)")
+    parser.add_argument("--batch", type=int, default=2, help="CPU batch size")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (see the module docstring)")
+    parser.add_argument("--gpu-patch", type=int, default=96)
+    parser.add_argument("--gpu-batch", type=int, default=4)
+    parser.add_argument("--gpu-steps", type=int, default=20)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    with tempfile.TemporaryDirectory() as folder:
+        url = annotated_store(Path(folder))
+        runs = section(url, ["spad_unetr_test", "spad_unetr_small"], args, torch.device("cpu"), args.patch, args.batch)
+        if torch.cuda.is_available():
+            gpu = argparse.Namespace(**{**vars(args), "steps": args.gpu_steps})
+            runs += section(url, ["spad_unetr_base"], gpu, torch.device("cuda"), args.gpu_patch, args.gpu_batch)
+    report = {
+        "runs": runs,
+        "settings": {
+            "machine": {
+                "cpu_model": cpu_model(),
+                "cpus_usable": len(os.sched_getaffinity(0)),
+                "load_average_1min": round(os.getloadavg()[0], 1),
+                "platform": platform.platform(),
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            },
+            "versions": {name: package_version(name) for name in ("torch", "monai", "lightning", "spadkit")},
+            "torch_threads": args.threads,
+            "data": f"MNI152 T1 1 mm, label version annotating axial slices {list(ANNOTATED_SLICES)} (gray matter > 0.5), the rest unknown",
+            "sampler": "LabelSampler(0.5) restricted to annotated voxels; PatchStream with 2 reader threads",
+            "cpu": {"patch": args.patch, "batch": args.batch, "warmup_steps": args.warmup, "timed_steps": args.steps},
+            "gpu": {"patch": args.gpu_patch, "batch": args.gpu_batch, "timed_steps": args.gpu_steps} if torch.cuda.is_available() else "not run: no CUDA device",
+            "step": "SegFinetune.loss (masked Dice + CE over annotated voxels) + backward + AdamW (SegFinetune.configure_optimizers for spadkit)",
+            "monai_peer": "monai.networks.nets.UNETR with the same hidden size, MLP, heads, feature size, 12 blocks, patch 16, qkv_bias",
+            "runtime_s": round(time.perf_counter() - started, 1),
+            "command": " ".join(sys.argv),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(runs, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {report['settings']['runtime_s']} s")
+
+
+if __name__ == "__main__":
+    main()
