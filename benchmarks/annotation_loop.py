@@ -22,10 +22,10 @@ voxels a y or x correction crossed in that run (one row per held-out slice and c
 
 Recorded per round: held-out Dice, seconds from submit to refreshed visible slice, bytes the
 label version wrote (the store's ``bytes_written`` when it records it, else the size of the
-version's files that no other version shares), optionally seconds of a full fine-tune
-(``--finetune-every``, when the session has ``start_finetune``). Then, in a real napari viewer
-(needs a display: run under ``xvfb-run``), the longest gap between GUI timer ticks while
-``submit_correction`` runs in a napari thread worker, beside the same measurement with the viewer idle.
+version's files that no other version shares). Then the seconds of full fine-tunes
+(``session.start_finetune``, every ``--finetune-every`` rounds of an extra suggested run), and, in a real napari viewer
+(needs a display: run under ``xvfb-run``) with the plugin's *Annotate* widget, the longest gap between GUI
+timer ticks while *Learn* runs ``submit_correction`` in a napari thread worker, beside the same probe on the idle viewer.
 """
 
 from __future__ import annotations
@@ -205,14 +205,6 @@ def bytes_written(store: OMEZarrStore, case_id: str, label_name: str) -> tuple[i
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.stat().st_nlink == 1), "files"
 
 
-def finetune_seconds(session: AnnotationSession, max_steps: int) -> dict[str, Any]:
-    """One full fine-tune in its separate process, waited for and offered to the session (swapped in when better)."""
-    start = time.perf_counter()
-    session.start_finetune(max_steps=max_steps).wait()
-    result = session.poll_finetune()
-    return {"seconds": time.perf_counter() - start, "accepted": getattr(result, "accepted", None), "reason": getattr(result, "reason", None)}
-
-
 def seeded_model(name: str, seed: int) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -224,7 +216,6 @@ def run_order(store: OMEZarrStore, case: Case, model: torch.nn.Module, order: st
     session = AnnotationSession(store, case.name, model, f"{order}{seed}", steps=args.head_steps)
     features = session.features.gather(case.heldout)
     pick = make_picker(order, case, np.random.default_rng([seed, ORDERS.index(order)]), args.rounds)
-    fine_tune = args.finetune_every and order == "suggested" and seed == args.seeds[0] and hasattr(session, "start_finetune")
     done: list[Slice] = []
     rows = []
     for rnd in range(1, args.rounds + 1):
@@ -250,108 +241,101 @@ def run_order(store: OMEZarrStore, case: Case, model: torch.nn.Module, order: st
             "bytes_source": source,
             "validation_dice": result.validation_dice,
             "edit_dice": result.edit_dice,
-            "finetune": finetune_seconds(session, args.finetune_steps) if fine_tune and rnd % args.finetune_every == 0 else None,
         }
         rows.append(row)
         print(f"{case.name:8s} {order:9s} seed {seed} round {rnd:2d}: {'zyx'[axis]}={index:3d} Dice {row['dice']:.4f}  refresh {row['submit_to_refresh_s']:.2f} s  {written / 1e3:.0f} kB", flush=True)
     return rows
 
 
+def finetune_timings(store: OMEZarrStore, case: Case, model: torch.nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Full fine-tunes (``session.start_finetune``, a separate process) every ``args.finetune_every`` rounds of a suggested
+    run of its own (outside the comparison, which they would change), each waited for and swapped in when better."""
+    session = AnnotationSession(store, case.name, model, "finetune", steps=args.head_steps)
+    pick = make_picker("suggested", case, np.random.default_rng(0), args.rounds)
+    done: list[Slice] = []
+    out = []
+    for rnd in range(1, args.rounds + 1):
+        axis, index = pick(session, done)
+        done.append((axis, index))
+        session.submit_correction(axis, index, np.take(case.truth, index, axis=axis))
+        if rnd % args.finetune_every:
+            continue
+        before = heldout_dice(session, case, session.features.gather(case.heldout))
+        start = time.perf_counter()
+        result = session.start_finetune(max_steps=args.finetune_steps).wait()
+        row = {"round": rnd, "seconds": time.perf_counter() - start, **dataclasses.asdict(result)}
+        row.update(heldout_dice_before=before, heldout_dice_after=heldout_dice(session, case, session.features.gather(case.heldout)))
+        out.append(row)
+        print(f"fine-tune after round {rnd}: {row['seconds']:.1f} s, {result.steps} steps, {result.reason}", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------- GUI stall in a real napari viewer
-class TimerProbe:
-    """The longest gap (ms) between ticks of a Qt timer firing every ``interval_ms``: how long the GUI thread was blocked.
-
-    Used when ``spadkit_napari._stall.StallProbe`` is not installed; the same contract (``with ... as probe``, ``probe.max_ms``).
-    """
-
-    def __init__(self, interval_ms: int = 10):
-        from qtpy.QtCore import QTimer
-
-        self.interval_ms, self.max_ms, self._last = interval_ms, 0.0, None
-        self._timer = QTimer()
-        self._timer.setInterval(interval_ms)
-        self._timer.timeout.connect(self._tick)
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.max_ms = max(self.max_ms, (now - self._last) * 1e3)
-        self._last = now
-
-    def __enter__(self) -> TimerProbe:
-        self._last = time.perf_counter()
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.stop()
+def paint_slice(layer: Any, axis: int, index: int, truth: np.ndarray) -> None:
+    """Set the slice of a labels layer to the truth as napari's fill/paint tools do (``data_setitem``: undo history, refresh)."""
+    plane = np.take(truth, index, axis=axis)
+    where = [i.ravel() for i in np.indices(plane.shape)]
+    where.insert(axis, np.full(plane.size, index))
+    layer.data_setitem(tuple(where), plane.ravel())
 
 
-def stall_probe() -> tuple[type, str]:
-    try:
-        from spadkit_napari._stall import StallProbe
+def gui_stall(store: OMEZarrStore, case: Case, model_name: str, rounds: int) -> dict[str, Any]:
+    """Longest GUI-thread stall (ms) of a shown napari viewer while the plugin's annotation widget learns.
 
-        return StallProbe, "spadkit_napari._stall.StallProbe"
-    except ImportError:
-        return TimerProbe, "benchmarks/annotation_loop.py TimerProbe (spadkit_napari._stall not installed)"
-
-
-def gui_stall(store: OMEZarrStore, case: Case, model: torch.nn.Module, rounds: int, head_steps: int) -> dict[str, Any]:
-    """Longest GUI-thread stall (ms) of a shown napari viewer while suggested corrections learn in a thread worker.
-
-    Per round: ``submit_correction`` runs in ``napari.qt.threading.thread_worker``; on its return the GUI thread
-    writes the refreshed slice into the labels layer (as the plugin would). The same probe on the idle viewer
-    (for as long as one round took) is the baseline.
+    Per round, as a person would: press *Next slice* (the widget shows the suggestion), paint the true slice into
+    the session's labels layer, press *Learn* (``submit_correction`` in a napari thread worker, then the layers
+    refresh in the GUI thread). :class:`spadkit_napari._stall.StallProbe` (a 10 ms Qt timer) measures the longest gap
+    during *Learn*; the same probe on the idle viewer, for as long, is the floor (scheduling, redraws).
     """
     if not os.environ.get("DISPLAY"):
         return {"max_ms": None, "reason": "no display: run under xvfb-run -a -s '-screen 0 1280x1024x24'"}
     import napari
-    from napari.qt.threading import thread_worker
     from qtpy.QtWidgets import QApplication
+    from spadkit_napari._annotation import slice_on_screen
+    from spadkit_napari._stall import StallProbe
 
-    probe_class, probe_name = stall_probe()
-    session = AnnotationSession(store, case.name, model, "gui", steps=head_steps)
     viewer = napari.Viewer(show=True)
-    viewer.add_image(session.image[0], name="t1")
-    layer = viewer.add_labels(np.zeros(case.shape, np.uint8), name="prediction")
+    _, widget = viewer.window.add_plugin_dock_widget("spadkit", "Annotate")
+    widget.store_path.value = store.url
+    widget.case.value, widget.label_name.value, widget.model.value = case.name, "gui", model_name
     app = QApplication.instance()
 
-    def wait(worker: Any) -> Any:
-        out: list[Any] = []
-        worker.returned.connect(out.append)
-        worker.errored.connect(lambda e: out.append(e))
-        worker.start()
-        while not out:
+    def events_for(seconds: float, until: Callable[[], bool] = lambda: False) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end and not until():
             app.processEvents()
-            time.sleep(0.001)
-        if isinstance(out[0], BaseException):
-            raise out[0]
-        return out[0]
+            time.sleep(0.002)
 
-    pick = make_picker("suggested", case, np.random.default_rng(0), rounds)
-    rows, done = [], []
-    for _ in range(rounds):
-        axis, index = pick(session, done)
-        done.append((axis, index))
-        viewer.dims.set_current_step(axis, index)
-        session.predict(visible(axis, index))
-        truth = np.take(case.truth, index, axis=axis)
+    def press(button: Any) -> float:
         start = time.perf_counter()
-        with probe_class(interval_ms=10) as probe:
-            result = wait(thread_worker(session.submit_correction)(axis, index, truth))
-            layer.data[visible(axis, index)] = result.prediction.labels
-            layer.refresh()
-            app.processEvents()
-        seconds = time.perf_counter() - start
-        with probe_class(interval_ms=10) as idle:
-            end = time.perf_counter() + seconds
-            while time.perf_counter() < end:
-                app.processEvents()
-                time.sleep(0.001)
-        rows.append({"axis": axis, "index": index, "learning_max_ms": probe.max_ms, "idle_max_ms": idle.max_ms, "seconds": seconds})
-        print(f"GUI stall {'zyx'[axis]}={index}: {probe.max_ms:.1f} ms while learning ({seconds:.2f} s), {idle.max_ms:.1f} ms idle", flush=True)
+        button.native.click()
+        events_for(600, until=lambda: widget.busy is None)
+        if widget.status.value.startswith("Error"):
+            raise RuntimeError(f"the annotation widget failed: {widget.status.value}")
+        return time.perf_counter() - start
+
+    press(widget.open_button)
+    rows = []
+    for _ in range(rounds):
+        press(widget.next_button)
+        labels = widget.layers["labels"]
+        axis, index = slice_on_screen(viewer, labels)
+        paint_slice(labels, axis, index, case.truth)
+        with StallProbe(interval_ms=10) as learning:
+            seconds = press(widget.learn_button)
+        with StallProbe(interval_ms=10) as idle:
+            events_for(seconds)
+        rows.append({"axis": axis, "index": index, "learn_s": seconds, "learning_max_ms": learning.max_ms, "learning_over_100ms": learning.stalls(100), "idle_max_ms": idle.max_ms, "idle_over_100ms": idle.stalls(100)})
+        print(f"GUI stall, Learn on {'zyx'[axis]}={index}: {learning.max_ms:.0f} ms over {seconds:.2f} s ({learning.stalls(100)} gaps > 100 ms); idle {idle.max_ms:.0f} ms", flush=True)
+    widget.close_session()
     viewer.close()
-    return {"max_ms": max(r["learning_max_ms"] for r in rows), "idle_max_ms": max(r["idle_max_ms"] for r in rows), "probe": probe_name, "volume": case.name, "rounds": rows}
+    return {
+        "max_ms": max(r["learning_max_ms"] for r in rows),
+        "idle_max_ms": max(r["idle_max_ms"] for r in rows),
+        "probe": "spadkit_napari._stall.StallProbe(interval_ms=10) around the Annotate widget's Learn button",
+        "volume": case.name,
+        "rounds": rows,
+    }
 
 
 # ---------------------------------------------------------------------- summary and plot
@@ -379,10 +363,8 @@ def summarise(rows: list[dict[str, Any]], volumes: list[str], target_rounds: int
         }
     refresh = [r["submit_to_refresh_s"] for r in rows]
     written = [r["bytes_written"] for r in rows]
-    tunes = [r["finetune"]["seconds"] for r in rows if r["finetune"]]
     out["submit_to_refresh_s"] = {"median": statistics.median(refresh), "max": max(refresh)}
     out["bytes_written"] = {"median": statistics.median(written), "max": max(written)}
-    out["finetune_s"] = {"median": statistics.median(tunes), "n": len(tunes)} if tunes else None
     return out
 
 
@@ -443,13 +425,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-rounds", type=int, default=6, help="the suggested order must reach random's final Dice within this many rounds")
     parser.add_argument("--step", type=int, default=1, help="take every STEP-th voxel of the MNI152 (1: its 1 mm)")
     parser.add_argument("--gui-rounds", type=int, default=3, help="rounds measured in the napari viewer (0: skip)")
-    parser.add_argument("--finetune-every", type=int, default=0, help="a full fine-tune every N rounds of the first suggested run (0: off)")
-    parser.add_argument("--finetune-steps", type=int, default=20)
+    parser.add_argument(
+        "--finetune-every", type=int, help="time a full fine-tune every N rounds of an extra suggested run (0: off; default 10, off for --quick or without session.start_finetune)"
+    )
+    parser.add_argument("--finetune-steps", type=int, default=10, help="optimiser steps of each full fine-tune (the session's default: 200)")
     parser.add_argument("--head-steps", type=int, default=100, help="Adam steps of each light-head fit (the session's default: 100)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for feature extraction (the light head uses one)")
     parser.add_argument("--workdir", help="keep the store here (default: a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="the test's run: spad_vit_test, MNI152 at 4 mm, 4 rounds, 1 seed, 30 head steps, 1 GUI round")
+    parser.add_argument("--quick", action="store_true", help="the test's run: spad_vit_test, MNI152 at 4 mm, 4 rounds, 1 seed, 30 head steps, 1 GUI round, no fine-tune")
     args = parser.parse_args(argv)
+    if args.finetune_every is None:
+        args.finetune_every = 10 if hasattr(AnnotationSession, "start_finetune") and not args.quick else 0
     if args.quick:
         args.model, args.step, args.rounds, args.seeds, args.head_steps, args.gui_rounds, args.target_rounds = "spad_vit_test", 4, 4, [0], 30, 1, 3
     return args
@@ -468,7 +454,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for case in cases:
                 for order in args.orders:
                     rows += run_order(store, case, model, order, seed, args)
-        stall = gui_stall(store, cases[0], seeded_model(args.model, args.seeds[0]), args.gui_rounds, args.head_steps) if args.gui_rounds else {"max_ms": None, "reason": "--gui-rounds 0"}
+        tunes = finetune_timings(store, cases[0], seeded_model(args.model, args.seeds[0]), args) if args.finetune_every else []
+        stall = gui_stall(store, cases[0], args.model, args.gui_rounds) if args.gui_rounds else {"max_ms": None, "reason": "--gui-rounds 0"}
     settings = {
         "model": args.model,
         "backbone_weights": "random init (torch.manual_seed(seed)); the light head is what learns",
@@ -483,6 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "orders": {"suggested": "session.suggest_next, best not held out", "random": "uniform slice with tissue, any axis", "even": "evenly spaced axial slices over the tissue, bisection order"},
         "head_steps": args.head_steps,
         "finetune_every": args.finetune_every,
+        "finetune_steps": args.finetune_steps,
         "quick": args.quick,
         "threads": args.threads,
         "cpu": cpu_model(),
@@ -492,7 +480,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_end": os.getloadavg(),
         "wall_s": time.perf_counter() - start,
     }
-    result = {"rounds": rows, "gui_stall_max_ms": stall["max_ms"], "gui_stall": stall, "summary": summarise(rows, settings["volumes"], args.target_rounds), "settings": settings}
+    summary = summarise(rows, settings["volumes"], args.target_rounds)
+    summary["finetune_s"] = {"median": statistics.median(t["seconds"] for t in tunes), "n": len(tunes)} if tunes else None
+    result = {"rounds": rows, "gui_stall_max_ms": stall["max_ms"], "gui_stall": stall, "finetune": tunes, "summary": summary, "settings": settings}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
