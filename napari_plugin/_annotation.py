@@ -34,7 +34,7 @@ Box = tuple[slice, slice, slice]
 #: ``viewer.dims.order`` that slices each voxel axis (0 axial, 1 coronal, 2 sagittal; see the reader's tests).
 DIMS_ORDER = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}
 #: Columns of the widget's history table, one row per session version.
-HISTORY_COLUMNS = ("op", "slice", "edit Dice", "val. Dice", "voxels changed", "learn s")
+HISTORY_COLUMNS = ("op", "slice", "edit Dice", "val. Dice", "voxels", "learn s")
 
 
 @dataclasses.dataclass
@@ -77,6 +77,9 @@ class ShownLayers:
 def session_layers(session: AnnotationSession, shown: ShownLayers, info: dict[str, Any]) -> dict[str, LayerData]:
     """The layer tuples of a session, keyed ``probability``, ``uncertainty`` and ``labels``.
 
+    Uncertainty is drawn over 0 .. log K nats with gamma 0.5 (inferno, additive), so that the
+    moderate uncertainty of a model that has learned a few slices still shows.
+
     Every layer sits on the case's grid like the reader's image (mm, radiological) and holds
     a ``shown`` array itself (no copy), so updating ``shown`` and refreshing updates the view.
     """
@@ -86,7 +89,7 @@ def session_layers(session: AnnotationSession, shown: ShownLayers, info: dict[st
         "probability": (shown.probability, {**place, "name": f"{case} probability", "colormap": "viridis", "contrast_limits": (0.0, 1.0), "visible": False}, "image"),
         "uncertainty": (
             shown.uncertainty,
-            {**place, "name": f"{case} uncertainty", "colormap": "inferno", "blending": "additive", "opacity": 0.7, "contrast_limits": (0.0, math.log(session.num_classes))},
+            {**place, "name": f"{case} uncertainty", "colormap": "inferno", "blending": "additive", "gamma": 0.5, "contrast_limits": (0.0, math.log(session.num_classes))},
             "image",
         ),
         "labels": (shown.labels, {**place, "name": f"{label} (session)", "opacity": 0.5}, "labels"),
@@ -146,6 +149,14 @@ def show_slice(viewer: Any, layer: Any, axis: int, index: int) -> None:
         viewer.dims.order = order
         viewer.reset_view()
     viewer.dims.set_point(offset + axis, world[axis])
+
+
+def write_slice(layer: Any, axis: int, index: int, plane: np.ndarray) -> None:
+    """Write a corrected ``plane`` into slice ``index`` along ``axis`` of a labels layer, as napari's paint and
+    fill tools write (``Labels.data_setitem``: one undoable edit, the view refreshed); for scripted corrections."""
+    where = [i.ravel() for i in np.indices(plane.shape)]
+    where.insert(axis, np.full(plane.size, index))
+    layer.data_setitem(tuple(where), np.asarray(plane).ravel())
 
 
 def slice_region(axis: int, index: int) -> tuple[slice, ...]:

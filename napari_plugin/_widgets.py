@@ -142,7 +142,7 @@ class AnnotationWidget(Container):
         self.progress = ProgressBar(label="fine-tune", value=0, min=0, max=1)
         self.cancel_button = PushButton(text="Cancel fine-tune")
         self.status = Label(value="Pick a store and a case, then Open session.")
-        self.history = Table(columns=list(HISTORY_COLUMNS), label="history")
+        self.history = Table(columns=list(HISTORY_COLUMNS), label="", tooltip="one row per label version (and per fine-tune)")
         undo_redo = Container(layout="horizontal", widgets=[self.undo_button, self.redo_button], labels=False)
         super().__init__(
             widgets=[
@@ -152,6 +152,7 @@ class AnnotationWidget(Container):
             ]
         )  # fmt: skip
         self.status.native.setWordWrap(True)
+        self.status.native.setMinimumHeight(5 * self.status.native.fontMetrics().lineSpacing())
         self._poll_timer = QTimer(self.native)  # stops with the widget
         self._poll_timer.setInterval(POLL_MS)
         self._poll_timer.timeout.connect(self._poll_finetune)
@@ -272,6 +273,8 @@ class AnnotationWidget(Container):
 
     def _show_history(self) -> None:
         self.history.value = history_rows(self.session.history())
+        self.history.native.resizeColumnsToContents()
+        self.history.native.scrollToBottom()
         self._update_buttons()
 
     def _repredicted(self, region: tuple[slice, ...] | None) -> Any:

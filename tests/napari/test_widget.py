@@ -3,7 +3,8 @@
 The case is nilearn's MNI152 T1 at 2 mm (95, 117, 99) in a tmp store with the tiny model's
 features cached (tests/active's ``make_store``); the annotator's truth is its gray matter
 (probability > 0.5). A correction is written into the session's labels layer with
-``Labels.data_setitem``, the call napari's paint and fill tools make.
+``Labels.data_setitem`` (:func:`~spadkit_napari._annotation.write_slice`), the call napari's
+paint and fill tools make.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from napari.layers import Labels
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QApplication
-from spadkit_napari._annotation import DIMS_ORDER, show_slice, slice_on_screen
+from spadkit_napari._annotation import DIMS_ORDER, show_slice, slice_on_screen, write_slice
 from spadkit_napari._geometry import layer_transform
 from spadkit_napari._stall import StallProbe
 from spadkit_napari._widgets import AnnotationWidget
@@ -58,11 +59,8 @@ def open_widget(viewer, qtbot, store: Path, label: str) -> AnnotationWidget:
 
 
 def correct(layer: Labels, axis: int, index: int, truth: np.ndarray) -> None:
-    """Set the slice to the truth as napari's fill/paint tools do (edit history, refresh)."""
-    plane = np.take(truth, index, axis=axis)
-    where = [i.ravel() for i in np.indices(plane.shape)]
-    where.insert(axis, np.full(plane.size, index))
-    layer.data_setitem(tuple(where), plane.ravel())
+    """Correct the slice to the truth as napari's fill/paint tools do (edit history, refresh)."""
+    write_slice(layer, axis, index, np.take(truth, index, axis=axis))
 
 
 def test_learn_submits_the_slice_on_screen_and_the_viewer_keeps_responding(make_napari_viewer, qtbot, mni):
