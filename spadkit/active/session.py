@@ -488,6 +488,7 @@ class AnnotationSession:
         self._check_writable()
         if self._job is not None and self._job.running:
             raise SpadkitError(f"fine-tune {self._job.id} is still running", fix="wait for it (job.wait()) or cancel it (job.cancel()) first.")
+        self.poll_finetune()  # a finished job not yet scored is scored (and maybe swapped in) first
         self._job = finetune.start(self, max_steps=max_steps, device=device, lr=lr, crop_tokens=crop_tokens, threads=threads, seed=seed, score_network=score_network)
         return self._job
 
