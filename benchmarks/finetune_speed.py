@@ -17,7 +17,8 @@ Runs (each ``--warmup`` untimed steps, then ``--steps`` timed ones):
 * ``feed="stream"``: spadkit models trained straight from the stream (loading,
   host-to-device copy and the step all inside the timing);
 * ``feed="tensors"``: the same batches pre-read into memory, for spadkit's
-  ``spad_unetr_small`` and for the peer ``monai_unetr_small``:
+  ``spad_unetr_small`` and for the peer ``monai_unetr_small``, stepping in turn
+  on the CPU (``A B A B ...``: load changes on the shared machine hit both):
   ``monai.networks.nets.UNETR`` of the same width, depth, heads and feature size
   (hidden 384, 12 blocks, 6 heads, feature size 16, patch 16, ``img_size`` =
   the patch), with the very same loss and AdamW settings. The gap between the
@@ -49,7 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,52 +134,58 @@ class Step:
         return sum(p.numel() for p in self.model.parameters()) / 1e6
 
 
-def measure(name: str, feed: Callable[[], Iterator[dict[str, Any]]], args: argparse.Namespace, device: torch.device, patch: int, batch: int) -> dict[str, Any]:
-    """Median step time of ``name`` fed by ``feed`` (``args.warmup`` untimed steps first)."""
+def measure(names: Sequence[str], feeds: Sequence[Iterator[dict[str, Any]]], args: argparse.Namespace, device: torch.device, patch: int, batch: int) -> list[dict[str, Any]]:
+    """Median step times of ``names``, each fed by its feed, stepping in turn (``A B A B ...``, so a
+    change in machine load hits all alike); ``args.warmup`` untimed rounds first."""
     bf16 = device.type == "cuda"
-    torch.manual_seed(0)
-    step = Step(name, patch, device, bf16)
+    steps = []
+    for name in names:
+        torch.manual_seed(0)
+        steps.append(Step(name, patch, device, bf16))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    batches = feed()
-    seconds, losses = [], []
+    seconds, losses = [[] for _ in names], [[] for _ in names]
     for i in range(args.warmup + args.steps):
-        sync()
-        start = time.perf_counter()
-        losses.append(step(next(batches)))
-        sync()
-        if i >= args.warmup:
-            seconds.append(time.perf_counter() - start)
-    median = float(np.median(seconds))
-    return {
-        "model": name,
-        "implementation": "monai" if name.startswith("monai_") else "spadkit",
-        "device": device.type,
-        "precision": "bf16-mixed" if bf16 else "fp32",
-        "batch_size": batch,
-        "patch": [patch] * 3,
-        "samples_per_s": round(batch / median, 3),
-        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
-        "s_per_step": round(median, 4),
-        "s_per_step_iqr": [round(float(q), 4) for q in np.percentile(seconds, [25, 75])],
-        "params_m": round(step.params_m, 2),
-        "first_last_loss": [round(losses[0], 4), round(losses[-1], 4)],
-    }
+        for step, feed, times, loss in zip(steps, feeds, seconds, losses):
+            sync()
+            start = time.perf_counter()
+            loss.append(step(next(feed)))
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    peak = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None
+    return [
+        {
+            "model": name,
+            "implementation": "monai" if name.startswith("monai_") else "spadkit",
+            "device": device.type,
+            "precision": "bf16-mixed" if bf16 else "fp32",
+            "batch_size": batch,
+            "patch": [patch] * 3,
+            "samples_per_s": round(batch / float(np.median(times)), 3),
+            "peak_memory_mb": peak,
+            "s_per_step": round(float(np.median(times)), 4),
+            "s_per_step_iqr": [round(float(q), 4) for q in np.percentile(times, [25, 75])],
+            "params_m": round(step.params_m, 2),
+            "first_last_loss": [round(loss[0], 4), round(loss[-1], 4)],
+        }
+        for name, step, times, loss in zip(names, steps, seconds, losses)
+    ]
 
 
 def section(url: str, models: Sequence[str], args: argparse.Namespace, device: torch.device, patch: int, batch: int) -> list[dict[str, Any]]:
-    """Stream-fed runs of ``models``, then tensor-fed runs of the last one and its MONAI peer on the same batches."""
-    runs = []
-    for name in models:
-        runs.append({**measure(name, lambda: cycle(make_stream(url, patch, batch)), args, device, patch, batch), "feed": "stream"})
-        print(json.dumps(runs[-1]), flush=True)
-    stream = make_stream(url, patch, batch)
-    cached = list(itertools.islice(cycle(stream), args.warmup + args.steps))
-    peer = models[-1].replace("spad_", "monai_")
-    for name in (models[-1], peer):
-        runs.append({**measure(name, lambda: iter(cached), args, device, patch, batch), "feed": "tensors"})
-        print(json.dumps(runs[-1]), flush=True)
+    """Stream-fed runs of ``models`` one at a time, then the last one and its MONAI peer on the same
+    pre-read batches: in turn on the CPU (a shared machine), one after the other on a GPU (memory per model)."""
+    runs = [{**measure([name], [cycle(make_stream(url, patch, batch))], args, device, patch, batch)[0], "feed": "stream"} for name in models]
+    cached = list(itertools.islice(cycle(make_stream(url, patch, batch)), args.warmup + args.steps))
+    pair = [models[-1], models[-1].replace("spad_", "monai_")]
+    if device.type == "cpu":
+        runs += [{**run, "feed": "tensors"} for run in measure(pair, [iter(cached), iter(cached)], args, device, patch, batch)]
+    else:
+        runs += [{**measure([name], [iter(cached)], args, device, patch, batch)[0], "feed": "tensors"} for name in pair]
+    for run in runs:
+        print(json.dumps(run), flush=True)
     return runs
 
 
@@ -205,7 +212,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_speed.json"))
     parser.add_argument("--patch", type=int, default=32, help="CPU patch edge in voxels (1 mm)")
     parser.add_argument("--batch", type=int, default=2, help="CPU batch size")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (see the module docstring)")
     parser.add_argument("--gpu-patch", type=int, default=96)
