@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=10)
     parser.add_argument("--tmp", type=Path, default=None, help="folder for the stores (default: the system's temp folder)")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     label = synthetic_label(tuple(args.shape))
     variants = {
         "copy_on_write": {"copy_on_write": True, "fsync": True, "hint": True},
@@ -145,6 +147,7 @@ def main() -> None:
             "hint": "changed=(slice(z, z + 1), :, :) except in copy_on_write_without_hint",
             "store": "local file system, unsharded, blosc-lz4, 64^3 chunks",
             "cpu": cpu_model(),
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
             "zarr": package_version("zarr"),
         },
     }
