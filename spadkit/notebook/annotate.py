@@ -103,6 +103,7 @@ class Annotator(SliceViewer):
         overlay = np.zeros((1, *session.shape), np.uint8)
         self.draft: np.ndarray = overlay[0]  # (Z, Y, X): the viewer's label layer, edited in place
         super().__init__(image, label=LabelVolume(overlay, image.affine), axis=axis, convention=convention, opacity=opacity, width_in=width_in)
+        self.opacity_slider.description = "draft"
         self.dice_plot = widgets.Image(format="png")
         self.dice_figure = Figure(figsize=(4.0, 2.6), layout="constrained")
         self._wire()
@@ -120,7 +121,7 @@ class Annotator(SliceViewer):
         self.uncertainty_slider = widgets.FloatSlider(description="uncertainty", min=0.0, max=1.0, step=0.05, value=0.5, continuous_update=False)
         self.seed_row = widgets.IntSlider(description="seed row", min=0, max=1, continuous_update=False)
         self.seed_column = widgets.IntSlider(description="seed col", min=0, max=1, continuous_update=False)
-        self.threshold_slider = widgets.FloatRangeSlider(description="threshold", min=vmin, max=vmax, step=step, value=(lo, hi), continuous_update=False)
+        self.threshold_slider = widgets.FloatRangeSlider(description="threshold", min=vmin, max=vmax, step=step, value=(lo, hi), readout_format=".4g", continuous_update=False)
         classes = list(range(1, self.session.num_classes))
         self.class_dropdown = widgets.Dropdown(description="class", options=classes, value=classes[0], disabled=len(classes) == 1, layout={"width": "160px"})
         self.add_region_button = widgets.Button(description="add region", tooltip="set the connected thresholded region holding the seed to the class")
@@ -359,9 +360,9 @@ class Annotator(SliceViewer):
             points = [(r["round"], r[key]) for r in rounds if r[key] is not None]
             if points:
                 ax.plot(*zip(*points), marker=marker, label=label)
-        for r in rounds:
-            if r["op"] != "correction":
-                ax.axvline(r["round"], color="grey", linestyle=":", linewidth=1)
+        restores = [r["round"] for r in rounds if r["op"] != "correction"]
+        for i, at in enumerate(restores):
+            ax.axvline(at, color="grey", linestyle=":", linewidth=1, label="undo / redo" if i == 0 else None)
         ax.set(xlabel="round", ylabel="Dice", ylim=(0, 1.02), title="Dice per round" + ("" if rounds else " (no round yet)"))
         ax.title.set_fontsize(9)
         if rounds:
