@@ -1,19 +1,27 @@
 """The end-to-end demo on real data that ships with installed packages (no downloads).
 
-``run_demo(out)`` builds a small dataset folder from
+:func:`main` (``spadkit demo``, ``make demo``) runs, on the CPU, with progress for each step:
 
-* nilearn's MNI152 T1 template (1 mm isotropic, 197x233x189) with a label map
-  of gray (1) and white matter (2) from nilearn's tissue probability maps,
-* the same template as a thick-slice 1x1x3 mm volume (3 slices averaged),
-  stored in LPS orientation as a DICOM-minded scanner would write it,
-* pydicom's ``CT_small.dcm`` (a real 128x128 CT slice, 0.66 mm pixels, HU),
+1. :func:`run_demo`: builds a small dataset folder from
 
-ingests it into an OME-Zarr store with :func:`spadkit.ingest.ingest`, and
-draws a montage PNG with each case's spacing annotated.
+   * nilearn's MNI152 T1 template (1 mm isotropic, 197x233x189) with a label map
+     of gray (1) and white matter (2) from nilearn's tissue probability maps,
+   * the same template as a thick-slice 1x1x3 mm volume (3 slices averaged),
+     stored in LPS orientation as a DICOM-minded scanner would write it,
+   * pydicom's ``CT_small.dcm`` (a real 128x128 CT slice, 0.66 mm pixels, HU),
 
-``pretrain_demo(out)`` then trains the tiny tokenizer and pretrains the tiny
-SPAD-ViT on that store with the bundled configs (a few minutes on a CPU) and
-plots the loss curves.
+   ingests it into an OME-Zarr store with :func:`spadkit.ingest.ingest`, and
+   draws a montage PNG with each case's spacing annotated;
+2. :func:`pretrain_demo`: trains the tiny tokenizer and pretrains the tiny SPAD-ViT
+   on that store with the bundled configs and plots the loss curves;
+3. :func:`few_shot`: gray matter of the 1 mm T1 from a few labelled axial slices,
+   scored on held-out axial slices: an intensity band tuned on the labelled slices
+   (no learning), the light head on the pretrained features, and SPAD-UNETR
+   fine-tuned from the pretrained backbone and from scratch;
+4. :func:`simulate_annotation`: rounds of :class:`~spadkit.active.AnnotationSession`
+   in which a simulated annotator replaces the prediction on the suggested slice
+   with the truth;
+5. :mod:`spadkit.demo_report`: ``report.html`` with the figures and numbers.
 """
 
 from __future__ import annotations

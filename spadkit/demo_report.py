@@ -11,6 +11,7 @@ import datetime
 import html
 import json
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,7 +122,7 @@ def rounds_figures(rounds: Sequence[AnnotationRound], fewshot: Mapping[str, Any]
     axes.legend(fontsize=7, loc="lower right")
     figure.savefig(out / "rounds_dice.png", dpi=DPI)
 
-    figure = _figure(8.4, 2.7 * len(rounds))
+    figure = _figure(9.6, 3.0 * len(rounds))
     grid = figure.subplots(len(rounds), 3, squeeze=False)
     for i, (row, r) in enumerate(zip(grid, rounds), start=1):
         where = f"round {i}: {AXES[r.axis]} slice {r.index}"
@@ -130,7 +131,7 @@ def rounds_figures(rounds: Sequence[AnnotationRound], fewshot: Mapping[str, Any]
         _overlay(row[0], r.shown, PREDICTION)
         _contour(row[0], r.truth)
         image = row[1].imshow(r.uncertainty, cmap="magma", vmin=0, vmax=float(np.log(2)), origin="lower", interpolation="nearest")
-        row[1].set_title(f"uncertainty (entropy, nats)\nsuggested: {r.reason[:60]}", fontsize=7)
+        row[1].set_title("uncertainty (entropy, nats)\n" + textwrap.fill(f"suggested: {r.reason}", 48), fontsize=6)
         row[1].set_axis_off()
         figure.colorbar(image, ax=row[1], shrink=0.7)
         _show_slice(row[2], r.image, f"correction: {r.voxels_changed} voxels changed\ngreen added, red removed")
@@ -175,7 +176,7 @@ def _pretrain_section(pretrain: Mapping[str, Any]) -> str:
         ("pretrain", "MAE loss on textured tokens", pre.get("mae_textured"), "predicting zero", pre.get("mae_floor_zero")),
     ]
     mim = (
-        f"<p><b>MIM was switched off:</b> {html.escape(pretrain['mim_refused'])} The backbone was pretrained with the MAE and scale objectives only.</p>"
+        f"<p><b>MIM was switched off:</b> {html.escape(pretrain['mim_refused'].rstrip('.'))}. The backbone was pretrained with the MAE and scale objectives only.</p>"
         if pretrain["mim_refused"]
         else "<p>The tokenizer beat the patch-mean baseline, so the backbone was pretrained with MIM as well.</p>"
     )
@@ -233,7 +234,7 @@ person's.</p>"""
 
 
 def _steps_section(steps: Sequence[Mapping[str, Any]]) -> str:
-    rows = [(s["step"], round(s["wall_s"], 1), round(s["cpu_s"], 1), round(s["load_average"], 1)) for s in steps]
+    rows = [(s["step"], f"{s['wall_s']:.0f}", f"{s['cpu_s']:.0f}", f"{s['load_average']:.1f}") for s in steps]
     wall, cpu = sum(s["wall_s"] for s in steps), sum(s["cpu_s"] for s in steps)
     return f"""
 <h2>Steps and times</h2>
