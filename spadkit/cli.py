@@ -160,16 +160,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from spadkit.demo import pretrain_demo, run_demo
+    from spadkit.demo import Budget
+    from spadkit.demo import main as run_demo
 
-    report, picture = run_demo(args.out)
-    print(report.summary())
-    print(f"montage: {picture}")
-    if not report.ok:
-        return 1
-    if not args.no_pretrain:
-        print(f"loss curves: {pretrain_demo(args.out)}")
-    return 0
+    return run_demo(args.out, pretrain=not args.no_pretrain, budget=Budget.quick() if args.quick else Budget())
 
 
 def pretrain(argv: Sequence[str]) -> int:
@@ -234,9 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(func=_cmd_check)
 
-    demo = sub.add_parser("demo", help="run the end-to-end demo on bundled real data", description="Ingest bundled real volumes into a store, draw a montage, then train the tiny tokenizer and pretrain the tiny SPAD-ViT on CPU and plot the losses.")
+    demo = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on bundled real data",
+        description="Ingest bundled real volumes, pretrain the tiny SPAD-ViT, fine-tune it few-shot, run simulated annotation rounds "
+        "and write demo_output/report.html (CPU, about 5-10 minutes).",
+    )
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    demo.add_argument("--no-pretrain", action="store_true", help="stop after ingest (skip the few-minute CPU pretraining)")
+    demo.add_argument("--no-pretrain", action="store_true", help="stop after ingest (skip pretraining, fine-tuning and the rounds)")
+    demo.add_argument("--quick", action="store_true", help="seconds-long budget (10 pretraining steps, 4 fine-tuning steps, 2 rounds): a smoke test of every step")
     demo.set_defaults(func=_cmd_demo)
 
     sub.add_parser(

@@ -15,7 +15,7 @@ from spadkit.io import OMEZarrStore
 from spadkit.tasks.launch import CONFIG_DIR
 from tests.conftest import write_nifti_array
 
-SUBCOMMANDS = [[], ["catalog"], ["catalog", "list"], ["catalog", "show"], ["catalog", "validate"], ["ingest"], ["info"], ["check"], ["demo"], ["session"]]
+SUBCOMMANDS = [[], ["catalog"], ["catalog", "list"], ["catalog", "show"], ["catalog", "validate"], ["ingest"], ["info"], ["check"], ["demo"], ["predict"], ["session"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w) or "spadkit")
