@@ -38,6 +38,7 @@ submitted correction) and the Dice on the session's fixed validation slices.
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable
 from typing import Any
@@ -176,7 +177,7 @@ class Annotator(SliceViewer):
         try:
             action()
         except SpadkitError as error:
-            self._say(f"<span style='color:#b00'>{error}</span>")
+            self._say(f"<span style='color:#b00'>{html.escape(str(error))}</span>")
 
     def _say(self, html: str) -> None:
         self.status.value = f"<div style='max-width:60em'>{html}</div>"

@@ -51,6 +51,7 @@ def test_opens_on_the_middle_axial_slice_with_an_empty_draft_at_cold_start(sessi
     assert (annotator.axis, annotator.index) == ("axial", Z // 2)
     assert annotator.seed == (Y // 2, X // 2) and annotator.plane().shape == (Y, X)
     assert not annotator.draft.any()  # cold start: a uniform prediction, argmax background
+    assert np.shares_memory(annotator.draft, annotator.label.array)  # the draft is the label layer drawn
     assert "Learn" in annotator.status.value
     assert annotator.prediction.region == (slice(Z // 2, Z // 2 + 1), slice(0, Y), slice(0, X))
     picture = np.asarray(Image.open(io.BytesIO(annotator.image_widget.value)).convert("L"))
