@@ -29,6 +29,14 @@ returning zeros (:mod:`spadkit.io.zarrstore`).
 Store format 2 (this version) adds PUMIT's foreground ("body") intensity
 statistics and block-mode label pyramids; format-1 stores stay readable.
 
+Label versions are *copy-on-write* on local stores: a save writes only the
+chunk files (shards, in a sharded store: one per row of chunks along Z) that
+differ from the latest version's, at every pyramid level, and hard-links the
+others (:mod:`spadkit.io.zarrstore`), so each version stays a complete,
+ordinary Zarr array; remote stores write every version in full. The files a
+save wrote and their folders are fsync'd before the label's metadata is
+atomically replaced to list the new version.
+
 A label version may record which voxels were *annotated* (reviewed by a
 person, partial supervision): the array ``annotated`` inside the version's
 folder, level 0 only, on the label's chunk grid. It is an ordinary Zarr array

@@ -371,8 +371,9 @@ def _update_level(array: zarr.Array, base: zarr.Array, box: Box | None, fresh: n
         if coords not in inside:
             counts.shared += _share(share, base, array, coords)
     differ = [(n, 0) for n in array.shape]
-    z_axis, writes = array.ndim - 3, []
+    z_axis = array.ndim - 3
     for row in touched[z_axis] if inside else ():
+        writes = []
         ranges = [*touched[:z_axis], range(row, row + 1), *touched[z_axis + 1 :]]
         region = tuple((max(r[0] * u, lo), min((r[-1] + 1) * u, hi)) for r, u, (lo, hi) in zip(ranges, unit, box))  # within box
         new = fresh[_slices(region, box)]
@@ -388,11 +389,11 @@ def _update_level(array: zarr.Array, base: zarr.Array, box: Box | None, fresh: n
             else:
                 content = np.asarray(base[_slices(part)])
                 content[_slices(overlap, part)] = new[_slices(overlap, region)]
-            writes.append(array._async_array.setitem(_slices(part), content))
+            writes.append(array._async_array.setitem(_slices(part), content))  # zarr's own async API of the array
+        sync(_gather(writes))  # the row's differing storage objects, encoded and written concurrently
+        counts.written += len(writes)
         if diff.any():
             differ = [(min(d[0], lo + idx[0]), max(d[1], lo + idx[-1] + 1)) for d, (lo, _), idx in zip(differ, region, _nonzero_extent(diff))]
-    sync(_gather(writes))  # the differing storage objects, encoded and written concurrently
-    counts.written += len(writes)
     return None if differ[0][0] >= differ[0][1] else tuple(differ)
 
 
