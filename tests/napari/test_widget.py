@@ -178,6 +178,8 @@ def test_a_labels_layer_off_the_grid_or_a_3d_view_is_refused_and_nothing_is_save
     assert "scale (-2, -2, -2) mm); nothing was submitted" in widget.status.value and "New labels layer" in widget.status.value
 
     widget.corrections.value = widget.layers["labels"]
+    for layer in viewer.layers:
+        layer.visible = False  # software rendering of volumes in 3D is slow and not what is tested
     viewer.dims.ndisplay = 3
     click(qtbot, widget, widget.learn_button)
     assert "the viewer shows 3D" in widget.status.value
