@@ -107,7 +107,7 @@ def rounds_figures(rounds: Sequence[AnnotationRound], fewshot: Mapping[str, Any]
     uncertainty and the annotator's correction (``rounds_overlay.png``); return the numbers."""
     numbers = [r.summary() for r in rounds]
     x = np.arange(1, len(rounds) + 1)
-    figure = _figure(6.4, 3.6)
+    figure = _figure(6.4, 4.0)
     axes = figure.subplots()
     axes.plot(x, [r.heldout_dice for r in rounds], "o-", label="session light head (held-out voxels)")
     axes.plot(x, [r.band_dice for r in rounds], "s--", label="intensity band tuned on the same corrections")
@@ -117,9 +117,11 @@ def rounds_figures(rounds: Sequence[AnnotationRound], fewshot: Mapping[str, Any]
     for arm, style in zip(fewshot["arms"], (":", "-.", "--", ":")):
         axes.axhline(arm["dice"], linestyle=style, linewidth=0.8, color="grey")
         axes.annotate(f"{arm['name']} ({len(fewshot['labelled'])} axial slices)", (x[-1], arm["dice"]), fontsize=6, color="grey", ha="right", va="bottom")
+    shown = [r.heldout_dice for r in rounds] + [r.band_dice for r in rounds] + [a["dice"] for a in fewshot["arms"]]
+    axes.set_ylim(min(shown) - 0.03, min(max(shown) + 0.02, 1.0))
     axes.set(xlabel="corrected slices (rounds)", ylabel="Dice, gray matter", xticks=x, title="held-out axial slices (voxels no correction reviewed)")
     axes.title.set_fontsize(9)
-    axes.legend(fontsize=7, loc="lower right")
+    figure.legend(fontsize=7, loc="outside lower center", ncols=2)
     figure.savefig(out / "rounds_dice.png", dpi=DPI)
 
     figure = _figure(9.6, 3.0 * len(rounds))
