@@ -51,21 +51,27 @@ class CheckReport:
 
 
 def _arrays(store: OMEZarrStore, case_id: str, attrs: dict[str, Any]) -> list[tuple[str, zarr.Array]]:
-    """Every array of a case: ``(description, array)`` for each image level and label version level."""
+    """Every array of a case: ``(description, array)`` for each image level, label version level and
+    annotated mask."""
     levels = range(len(attrs["pyramid_factors_zyx"]))
     arrays = [(f"image level {level}", store.read_image(case_id, level).array) for level in levels]
     for name in store.label_names(case_id):
         for version in store.label_versions(case_id, name):
             number = version["version"]
             arrays += [(f"label {name!r} v{number} level {level}", store.read_label(case_id, name, number, level).array) for level in levels]
+            mask = store.read_annotated(case_id, name, number)
+            if mask is not None:
+                arrays.append((f"label {name!r} v{number} annotated mask", mask))
     return arrays
 
 
 def _read_every_chunk(array: zarr.Array) -> None:
-    """Decode every chunk of ``array`` once, a row of storage objects (chunks or shards) along Z at a time."""
-    rows = int((array.shards or array.chunks)[1])
-    for z0 in range(0, int(array.shape[1]), rows):
-        np.asarray(array[:, z0 : z0 + rows])
+    """Decode every chunk of a ``(C, Z, Y, X)`` or ``(Z, Y, X)`` array once, a row of storage objects
+    (chunks or shards) along Z at a time."""
+    z_axis = array.ndim - 3
+    rows = int((array.shards or array.chunks)[z_axis])
+    for z0 in range(0, int(array.shape[z_axis]), rows):
+        np.asarray(array[(slice(None),) * z_axis + (slice(z0, z0 + rows),)])
 
 
 def check_case(store: OMEZarrStore, case_id: str, *, deep: bool = True) -> str | None:

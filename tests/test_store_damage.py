@@ -192,3 +192,16 @@ def test_an_fsspec_store_reports_lost_chunks_and_damage_too():
         assert "chunk file c/0/0/0/0 is missing" in check_store(url).problems["a"]
     finally:
         fs.rm("/spadkit-damage-test.zarr", recursive=True)
+
+
+def test_check_reads_the_annotated_masks_of_label_versions(store_url):
+    store = OMEZarrStore(store_url, mode="a")
+    label = store.read_label("a")
+    annotated = np.zeros(label.spatial_shape, np.uint8)
+    annotated[5] = 1
+    version = store.save_label("a", label, annotated=annotated)
+    assert check_store(store_url).ok
+    mask_folder = Path(store_url) / "a" / "labels" / "seg" / f"v{version:04d}" / "annotated" / "c"
+    next(p for p in mask_folder.rglob("*") if p.is_file()).unlink()
+    report = check_store(store_url)
+    assert "v0002/annotated" in report.problems["a"] and "is missing" in report.problems["a"], report.problems

@@ -224,12 +224,17 @@ def saved_model_args(name: str, directory: str | os.PathLike) -> dict[str, Any]:
     return {key: value for key, value in saved.items() if value is not None and key in accepted}
 
 
-def save_pretrained(model: nn.Module, cfg: PretrainedCfg, directory: str | os.PathLike) -> Path:
-    """Write ``model.pt`` (state dict) and ``pretrained_cfg.json`` atomically into ``directory``."""
+def save_pretrained(model: nn.Module, cfg: PretrainedCfg, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model.pt`` (state dict) and ``pretrained_cfg.json`` atomically into ``directory``.
+
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (e.g. the full weights
+    gathered from a sharded FSDP run, see :func:`spadkit.tasks.pretrain.full_submodule_state`).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict() if state_dict is None else state_dict
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
     with atomic_path(directory / CFG_FILE) as tmp:
         Path(tmp).write_text(cfg.to_json())
     return directory

@@ -27,7 +27,12 @@ from spadkit.data.augment import batch_seed
 from spadkit.models import create_model, save_pretrained
 from spadkit.models.mae import MAEDecoder, mae_loss, masked_positions, random_keep
 from spadkit.models.vit import resolve_level, token_grid
-from spadkit.tasks.pretrain import adamw_with_cosine, level_on_host, pretrained_cfg
+from spadkit.tasks.pretrain import (
+    adamw_with_cosine,
+    full_submodule_state,
+    level_on_host,
+    pretrained_cfg,
+)
 
 
 class MAEPretrain(L.LightningModule):
@@ -60,6 +65,7 @@ class MAEPretrain(L.LightningModule):
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
         self.backbone = create_model(backbone, in_chans=in_chans)
+        self.backbone.mask_token.requires_grad_(False)  # the SimMIM token: an MAE encoder never sees it (DDP refuses unused parameters)
         self.decoder = MAEDecoder(self.backbone.embed_dim, in_chans, decoder_dim, decoder_depth, decoder_heads)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
@@ -94,7 +100,11 @@ class MAEPretrain(L.LightningModule):
         return adamw_with_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        """Export the encoder (gathered from every rank first, so FSDP exports full weights)."""
+        if not self.hparams.export_dir:
+            return
+        state = full_submodule_state(self, "backbone")
+        if state is not None:
             cfg = pretrained_cfg(self, self.hparams.backbone, "mae (VISION-MAE: encoder on visible tokens only)")
             cfg.provenance["recipe"] = "mae"
-            save_pretrained(self.backbone, cfg, self.hparams.export_dir)
+            save_pretrained(self.backbone, cfg, self.hparams.export_dir, state_dict=state)

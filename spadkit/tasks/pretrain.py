@@ -232,11 +232,29 @@ class MIMPretrain(L.LightningModule):
         return adamw_with_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        """Export the backbone (gathered from every rank first, so FSDP exports full weights)."""
+        if not self.hparams.export_dir:
+            return
+        state = full_submodule_state(self, "backbone")
+        if state is not None:
             cfg = pretrained_cfg(self, self.hparams.backbone, "mim+mae+aux pretraining", modalities=self.modalities)
             cfg.provenance["heads_off"] = dict(self.heads_off)
             cfg.provenance["recipe"] = self.hparams.recipe
-            save_pretrained(self.backbone, cfg, self.hparams.export_dir)
+            save_pretrained(self.backbone, cfg, self.hparams.export_dir, state_dict=state)
+
+
+def full_submodule_state(module: L.LightningModule, name: str) -> dict[str, torch.Tensor] | None:
+    """The full (gathered, unsharded) weights of ``module.<name>`` on global rank 0, ``None`` on the others.
+
+    Reads them through the strategy (``lightning_module_state_dict``), which under FSDP gathers
+    the shards: a collective, so every rank must call it (e.g. in ``on_train_end``). Under
+    single-device and DDP training it is the plain state dict.
+    """
+    state = module.trainer.strategy.lightning_module_state_dict()
+    if not module.trainer.is_global_zero:
+        return None
+    prefix = f"{name}."
+    return {key.removeprefix(prefix): value.detach().cpu() for key, value in state.items() if key.startswith(prefix)}
 
 
 def level_on_host(batch: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,12 @@ from torch import nn
 from spadkit.models import PatchDiscriminator, create_model, save_pretrained
 from spadkit.models.tokenizer import hinge_losses, tokenizer_losses
 from spadkit.tasks.diagnostics import TokenizerProbe
-from spadkit.tasks.pretrain import adamw_with_cosine, level_on_host, pretrained_cfg
+from spadkit.tasks.pretrain import (
+    adamw_with_cosine,
+    full_submodule_state,
+    level_on_host,
+    pretrained_cfg,
+)
 
 
 class TokenizerPretrain(L.LightningModule):
@@ -173,7 +178,11 @@ class TokenizerPretrain(L.LightningModule):
             checkpoint["state_dict"].update(self.perceptual.state_dict(prefix="perceptual."))
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        """Export the tokenizer (gathered from every rank first, so FSDP exports full weights)."""
+        if not self.hparams.export_dir:
+            return
+        state = full_submodule_state(self, "tokenizer")
+        if state is not None:
             cfg = pretrained_cfg(self, self.hparams.tokenizer, "tokenizer")
             cfg.provenance["diagnostics"] = {"window": f"last {len(self.probe.samples)} diagnosed training batches", **self.probe.summary()}
-            save_pretrained(self.tokenizer, cfg, self.hparams.export_dir)
+            save_pretrained(self.tokenizer, cfg, self.hparams.export_dir, state_dict=state)

@@ -136,7 +136,7 @@ def test_label_locations_survive_a_closed_reader(mixed_store):
     first = pool.get(cases[0]).class_locations()
     pool.get(cases[1])  # closes the first reader
     reopened = pool.get(cases[0])
-    assert reopened._locations is first  # restored, no rescan
+    assert reopened.label_index().classes is first  # restored, no rescan
 
 
 @pytest.mark.parametrize("dtype", ["int16", "uint8", "float32"])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -113,3 +116,54 @@ def test_bundled_mae_config_parses(capsys):
         main(["pretrain", "--config", "pretrain_mae", "--print_config"])
     assert info.value.code == 0
     assert "class_path: spadkit.tasks.MAEPretrain" in capsys.readouterr().out
+
+
+def test_bundled_fsdp_config_parses(capsys):
+    from spadkit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", "--config", "pretrain_fsdp", "--print_config"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "FSDPStrategy" in out and "class_path: spadkit.tasks.MAEPretrain" in out
+
+
+DDP_EXPORT = textwrap.dedent(
+    """
+    import sys
+    import lightning as L
+    import torch
+    from spadkit.tasks import MAEPretrain
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for i in range(4):
+                yield {"image": torch.rand(1, 1, 32, 32, 32, generator=g), "spacing": torch.ones(1, 3, dtype=torch.float64), "stream": {"epoch": [0], "index": [i], "group": [0], "step": [i]}}
+
+    class Recorded(MAEPretrain):
+        def on_train_end(self):
+            super().on_train_end()
+            torch.save(self.backbone.state_dict(), f"{sys.argv[1]}/rank{self.global_rank}.pt")
+
+    if __name__ == "__main__":
+        torch.manual_seed(0)
+        module = Recorded("spad_vit_test", decoder_dim=32, decoder_depth=1, decoder_heads=2, warmup_steps=1, export_dir=f"{sys.argv[1]}/export")
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, torch.utils.data.DataLoader(Batches(), batch_size=None))
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_export_gathers_weights_on_every_rank_and_writes_once(tmp_path):
+    script = tmp_path / "ddp_export.py"
+    script.write_text(DDP_EXPORT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    exported = create_model("spad_vit_test", pretrained=tmp_path / "export")
+    for rank in (0, 1):
+        weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key, value in exported.state_dict().items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
