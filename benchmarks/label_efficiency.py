@@ -327,7 +327,7 @@ def plot(runs: list[dict], path: Path, cases: dict) -> Path:
                 if not ks:
                     continue
                 values = [[r[metric] for r in rows if r["k"] == k] for k in ks]
-                (line,) = ax.plot(ks, [np.mean(v) for v in values], marker="o", label=arm)
+                (line,) = ax.plot(ks, [np.mean(v) for v in values], marker="o", label=arm, color=f"C{ARMS.index(arm)}")
                 ax.fill_between(
                     ks,
                     [min(v) for v in values],

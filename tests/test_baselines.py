@@ -13,7 +13,9 @@ pytest.importorskip("sklearn")
 
 def _grid_mm(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> list[np.ndarray]:
     """Voxel-centre coordinates (mm) of a grid, centred on the grid."""
-    return np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)], indexing="ij")
+    return np.meshgrid(
+        *[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)], indexing="ij"
+    )
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 1.0, 1.0), (2.0, 0.5, 0.7)])
@@ -29,18 +31,28 @@ def test_derivatives_are_per_mm(spacing):
     bowl = filter_bank((z**2 + y**2 + x**2).astype(np.float32), spacing, sigmas)
     assert ramp.shape == (len(names), *shape) and ramp.dtype == np.float32
     for sigma in sigmas:
-        np.testing.assert_allclose(ramp[names.index(f"gradient_magnitude_{sigma:g}mm")][inner], np.hypot(0.5, 0.2), rtol=0.03)
-        np.testing.assert_allclose(bowl[names.index(f"laplacian_{sigma:g}mm")][inner], 6.0, rtol=0.03)
+        np.testing.assert_allclose(
+            ramp[names.index(f"gradient_magnitude_{sigma:g}mm")][inner],
+            np.hypot(0.5, 0.2),
+            rtol=0.03,
+        )
+        np.testing.assert_allclose(
+            bowl[names.index(f"laplacian_{sigma:g}mm")][inner], 6.0, rtol=0.03
+        )
         for i in (1, 2, 3):
-            np.testing.assert_allclose(bowl[names.index(f"hessian_eig_{i}_{sigma:g}mm")][inner], 2.0, rtol=0.03)
+            np.testing.assert_allclose(
+                bowl[names.index(f"hessian_eig_{i}_{sigma:g}mm")][inner], 2.0, rtol=0.03
+            )
 
 
 def test_hessian_eigenvalues_are_sorted_and_see_a_tube():
     """A bright tube along Z: two strongly negative eigenvalues across it, one near zero along it (decreasing order)."""
-    z, y, x = _grid_mm((20, 31, 31), (1.0, 1.0, 1.0))
+    _, y, x = _grid_mm((20, 31, 31), (1.0, 1.0, 1.0))
     tube = np.exp(-(y**2 + x**2) / (2 * 2.0**2)).astype(np.float32)
     bank = filter_bank(tube, (1.0, 1.0, 1.0), (2.0,))
-    e1, e2, e3 = (bank[feature_names((2.0,)).index(f"hessian_eig_{i}_2mm")][10, 15, 15] for i in (1, 2, 3))
+    e1, e2, e3 = (
+        bank[feature_names((2.0,)).index(f"hessian_eig_{i}_2mm")][10, 15, 15] for i in (1, 2, 3)
+    )
     assert e1 >= e2 >= e3
     assert abs(e1) < 1e-3 and e2 < -0.05 and e3 < -0.05
 
@@ -57,7 +69,9 @@ def _band_volume() -> tuple[np.ndarray, np.ndarray]:
     """A smooth random image and the label 'intensity in a middle band' (a structure a filter bank can find)."""
     from scipy import ndimage
 
-    image = ndimage.gaussian_filter(np.random.default_rng(1).random((16, 40, 40)), 2).astype(np.float32)
+    image = ndimage.gaussian_filter(np.random.default_rng(1).random((16, 40, 40)), 2).astype(
+        np.float32
+    )
     lo, hi = np.percentile(image, [40, 70])
     return image, ((image > lo) & (image < hi)).astype(np.int64)
 
