@@ -47,6 +47,7 @@ RUN_HERE: dict[str, int] = {
 
 PARSES = "tests/test_cli.py::test_every_bundled_config_parses"
 SESSION = "tests/active/test_command.py::test_a_session_runs_step_by_step_from_the_shell"
+PREDICT = "tests/test_predict_command.py"
 
 #: README command -> (node id of the test that runs it, what that test runs). Add new README commands here.
 COVERED_BY: dict[str, tuple[str, str]] = {
@@ -63,12 +64,19 @@ COVERED_BY: dict[str, tuple[str, str]] = {
     "torchrun --nproc_per_node 8 -m spadkit.cli pretrain --config pretrain_ddp": (f"{PARSES}[pretrain_ddp]", "parses the config; tests/data/test_ddp.py runs 2 gloo ranks of the stream"),
     "spadkit pretrain --config tokenizer_tiny --data.train='[synth.zarr, demo_output/demo.zarr]' --trainer.max_steps=4000": ("tests/test_cli.py::test_pretrain_runs_a_bundled_config_and_exports_weights", "tokenizer_tiny with --data.train and --trainer.max_steps overridden"),
     "spadkit pretrain --config pretrain_tiny --data.train='[synth.zarr]'": ("tests/test_demo_report.py::test_quick_demo_writes_a_report_of_every_step", "pretrain_tiny with --data.train overridden (the demo store); the tokenizer check refuses MIM"),
+    "spadkit pretrain --config pretrain_mae": (f"{PARSES}[pretrain_mae]", "parses the config"),
+    "torchrun --nproc_per_node 8 -m spadkit.cli pretrain --config pretrain_fsdp": (f"{PARSES}[pretrain_fsdp]", "parses the config (no multi-GPU run in CI)"),
     "python benchmarks/feature_probe.py --weights demo_output/weights/spad_vit_test --out probe.json": ("tests/test_feature_probe.py::test_cli_writes_runs_and_plot", "the script's main() at 4 mm with the random and histogram arms"),
     ".venv/bin/python benchmarks/feature_probe.py --weights demo_output/weights/spad_vit_test --out benchmarks/results/feature_probe.json": ("tests/test_feature_probe.py::test_cli_writes_runs_and_plot", "the script's main() at 4 mm with the random and histogram arms"),
     # ---- fine-tuning
     "spadkit finetune --config finetune_tiny": ("tests/tasks/test_finetune.py::test_finetune_config_trains_from_a_store_and_exports_a_predictor", "finetune_tiny through the same LightningCLI launcher, 2 steps on a labelled MNI152 store"),
     "spadkit finetune --config finetune_gpu --model.init_args.num_classes 14 --data.train '[{store: ct.zarr, label: seg}]'": ("tests/tasks/test_finetune.py::test_bundled_finetune_configs_parse[finetune_gpu]", "parses the config (no GPU in CI)"),
     "torchrun --nproc_per_node 4 -m spadkit.cli finetune --config finetune_ddp": ("tests/tasks/test_finetune.py::test_bundled_finetune_configs_parse[finetune_ddp]", "parses the config (no multi-GPU run in CI)"),
+    # ---- prediction
+    "spadkit predict store.zarr/CASE --model runs/finetune/export": (f"{PREDICT}::test_predict_a_store_case_writes_label_groups_with_provenance", "a store case with a fine-tune export"),
+    "spadkit predict t1.nii.gz --model last.ckpt --out predictions/": (f"{PREDICT}::test_predict_a_nifti_file_from_a_lightning_checkpoint", "a NIfTI file with a Lightning checkpoint and --out"),
+    "spadkit predict store.zarr/CASE --model export/ --flips": ("tests/test_infer.py::test_flip_tta_averages_flipped_predictions", "flip TTA through spadkit.infer.predict (not the --flips flag of the command)"),
+    "spadkit predict store.zarr/CASE --model export/ --mc-dropout 0.1 --mc-samples 8": (f"{PREDICT}::test_monte_carlo_dropout_from_the_command_line", "--mc-dropout 0.2 --mc-samples 3"),
     # ---- the annotation loop
     "spadkit session store.zarr CASE suggest --model spad_vit_small": (SESSION, "suggest, submit, undo, redo, history on the MNI152 at 2 mm (spad_vit_test)"),
     "spadkit session store.zarr CASE submit --axis z --index 90 --mask slice.npy": (SESSION, "submit of a .npy mask"),
@@ -135,7 +143,7 @@ def how_to_map(command: Command) -> str:
     return (
         f"README.md:{command.line}: `{command.text}` is run by no test. Map it in tests/test_readme_commands.py: add\n"
         f'    "{command.text}": ("tests/<file>.py::<test that runs it>", "what that test runs"),\n'
-        "to COVERED_BY, or add it to RUN_HERE if that file can run it in seconds (placeholders: see PLACEHOLDERS)."
+        "to COVERED_BY, or add it to RUN_HERE if that file can run it in seconds (README paths: see the placeholders fixture)."
     )
 
 
@@ -145,10 +153,20 @@ def test_the_parser_finds_commands_and_drops_comments():
     assert strip_comment("spadkit pretrain --data.train='[a#b]'  # c") == "spadkit pretrain --data.train='[a#b]'"
 
 
-def test_every_readme_command_is_run_somewhere():
+def unmapped(text: str) -> list[str]:
+    """How to map each command of a README text that no registry holds."""
     registered = set(RUN_HERE) | set(COVERED_BY) | MAKE_TARGETS
-    missing = [how_to_map(c) for c in readme_commands(README.read_text()) if c.text not in registered]
+    return [how_to_map(c) for c in readme_commands(text) if c.text not in registered]
+
+
+def test_every_readme_command_is_run_somewhere():
+    missing = unmapped(README.read_text())
     assert not missing, "\n\n".join(missing)
+
+
+def test_a_new_command_is_reported_with_how_to_map_it():
+    (message,) = unmapped("```bash\nmake demo\nspadkit predict store.zarr CASE   # new\n```\n")
+    assert message.startswith("README.md:3: `spadkit predict store.zarr CASE` is run by no test") and "COVERED_BY" in message
 
 
 def test_no_stale_entries():
