@@ -11,7 +11,9 @@
 The child (:func:`spadkit.active.finetune_worker.run_job`) is a separate process started with
 ``multiprocessing``'s ``forkserver`` method where the platform has it (``spawn`` elsewhere): never
 a fork of the GUI process. The fork server imports torch and the worker once, so later fine-tunes
-start in milliseconds. The child gets only a job folder::
+start in milliseconds. As with any ``spawn``/``forkserver`` process, a *script* that starts a
+fine-tune needs the ``if __name__ == "__main__":`` guard (the child imports the main script; notebooks,
+napari and the CLI need nothing). The child gets only a job folder::
 
     SESSION/finetune/<job>/spec.json       what to learn from: store, case, label, version, model folder
     SESSION/finetune/<job>/progress.json   state, step, loss, message (rewritten after every step)
