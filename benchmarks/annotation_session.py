@@ -3,7 +3,7 @@
 Measures, on the MNI152 T1 (189, 233, 197) in a fresh tmp store: the session start-up (feature
 extraction, then from the cache), and per correction of a suggested slice the save, the light-head
 fit and the re-prediction of the visible slice (medians over --rounds); then the save of a
-one-slice correction of a 512x512x300 label (time and bytes of the new version).
+one-slice correction of a 512x512x300 label (time, and the bytes and chunks the copy-on-write version wrote).
 """
 
 from __future__ import annotations
@@ -26,10 +26,6 @@ from spadkit.io import read_volume
 from spadkit.io.omezarr import OMEZarrStore
 from spadkit.models import create_model
 from spadkit.volume import LabelVolume, Volume
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def loop_timings(model_name: str, rounds: int, root: Path) -> dict:
@@ -63,10 +59,10 @@ def big_save(root: Path, shape: tuple[int, int, int] = (300, 512, 512)) -> dict:
     store.save_label("big", LabelVolume(label, image.affine), "seg")
     label[150, 100:300, 100:300] = 1
     t = time.perf_counter()
-    version = store.save_label("big", LabelVolume(label, image.affine), "seg", message="one slice")
+    store.save_label("big", LabelVolume(label, image.affine), "seg", message="one slice")
     seconds = time.perf_counter() - t
-    written = folder_bytes(Path(store.url) / "big" / "labels" / "seg" / f"v{version:04d}")
-    return {"shape": shape, "save_s": seconds, "bytes_written": written, "slice_voxels_changed": 200 * 200}
+    entry = store.label_versions("big", "seg")[-1]
+    return {"shape": shape, "save_s": seconds, "bytes_written": entry["bytes_written"], "chunks_written": entry["chunks_written"], "chunks_shared": entry["chunks_shared"], "slice_voxels_changed": 200 * 200}
 
 
 def main() -> None:
