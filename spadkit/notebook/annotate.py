@@ -122,7 +122,7 @@ class Annotator(SliceViewer):
         self.uncertainty_slider = widgets.FloatSlider(description="uncertainty", min=0.0, max=1.0, step=0.05, value=0.5, continuous_update=False)
         self.seed_row = widgets.IntSlider(description="seed row", min=0, max=1, continuous_update=False)
         self.seed_column = widgets.IntSlider(description="seed col", min=0, max=1, continuous_update=False)
-        self.threshold_slider = widgets.FloatRangeSlider(description="threshold", min=vmin, max=vmax, step=step, value=(lo, hi), readout_format=".4g", continuous_update=False)
+        self.threshold_slider = widgets.FloatRangeSlider(description="threshold", min=vmin, max=vmax, step=step, value=(lo, hi), readout_format=".4g", continuous_update=False, layout={"width": "420px"})
         classes = list(range(1, self.session.num_classes))
         self.class_dropdown = widgets.Dropdown(description="class", options=classes, value=classes[0], disabled=len(classes) == 1, layout={"width": "160px"})
         self.add_region_button = widgets.Button(description="add region", tooltip="set the connected thresholded region holding the seed to the class")
