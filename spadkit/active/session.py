@@ -417,7 +417,8 @@ class AnnotationSession:
         """
         annotated = region_mask(record["annotated"], self.shape)
         version = self.store.save_label(
-            self.case_id, LabelVolume(label, self.affine), self.label_name, author=self.author, message=encode(record), annotated=annotated, changed=changed
+            self.case_id, LabelVolume(label, self.affine), self.label_name, author=self.author, message=encode(record), annotated=annotated, changed=changed,
+            base_version=self._state_version if changed is not None else None,
         )
         t_save = time.perf_counter()
         self._label, self._state_version, self.items = label, version, record["annotated"]
