@@ -44,6 +44,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/ingest_memory.py --cases 1 --workers 1 --json benchmarks/results/ingest_memory_current.json
 	$(VENV)/bin/spadkit demo --out demo_output
 	$(PY) benchmarks/feature_probe.py --weights demo_output/weights/spad_vit_test --out benchmarks/results/feature_probe.json
+	$(PY) benchmarks/label_save.py --out benchmarks/results/label_save.json
+	$(PY) benchmarks/finetune_speed.py --out benchmarks/results/finetune_speed.json
+	$(PY) benchmarks/inference.py --out benchmarks/results/inference.json
+	$(PY) benchmarks/label_efficiency.py --weights demo_output/weights/spad_vit_test --out benchmarks/results/label_efficiency.json
+	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) benchmarks/annotation_loop.py --out benchmarks/results/annotation_loop.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spadkit tests benchmarks

@@ -47,6 +47,7 @@ RUN_HERE: dict[str, int] = {
 
 PARSES = "tests/test_cli.py::test_every_bundled_config_parses"
 SESSION = "tests/active/test_command.py::test_a_session_runs_step_by_step_from_the_shell"
+DEMO_QUICK = "tests/test_demo_report.py::test_quick_demo_writes_a_report_of_every_step"
 PREDICT = "tests/test_predict_command.py"
 
 #: README command -> (node id of the test that runs it, what that test runs). Add new README commands here.
@@ -72,6 +73,9 @@ COVERED_BY: dict[str, tuple[str, str]] = {
     "spadkit finetune --config finetune_tiny": ("tests/tasks/test_finetune.py::test_finetune_config_trains_from_a_store_and_exports_a_predictor", "finetune_tiny through the same LightningCLI launcher, 2 steps on a labelled MNI152 store"),
     "spadkit finetune --config finetune_gpu --model.init_args.num_classes 14 --data.train '[{store: ct.zarr, label: seg}]'": ("tests/tasks/test_finetune.py::test_bundled_finetune_configs_parse[finetune_gpu]", "parses the config (no GPU in CI)"),
     "torchrun --nproc_per_node 4 -m spadkit.cli finetune --config finetune_ddp": ("tests/tasks/test_finetune.py::test_bundled_finetune_configs_parse[finetune_ddp]", "parses the config (no multi-GPU run in CI)"),
+    ".venv/bin/python benchmarks/label_efficiency.py --weights demo_output/weights/spad_vit_test --out benchmarks/results/label_efficiency.json": ("tests/test_label_efficiency.py::test_cli_writes_the_schema_and_plot", "the script's main() with --quick and all five arms (random-init weights made in the test)"),
+    ".venv/bin/python benchmarks/label_efficiency.py --quick --weights DIR --out /tmp/le.json": ("tests/test_label_efficiency.py::test_cli_writes_the_schema_and_plot", "the script's main() with --quick"),
+    ".venv/bin/python benchmarks/label_efficiency.py --quick --shuffle-labels --weights DIR --out /tmp/le_shuffled.json": ("tests/test_label_efficiency.py::test_random_forest_can_lose", "the forest with shuffled labels falls to chance (the arm function, not the script)"),
     # ---- prediction
     "spadkit predict store.zarr/CASE --model runs/finetune/export": (f"{PREDICT}::test_predict_a_store_case_writes_label_groups_with_provenance", "a store case with a fine-tune export"),
     "spadkit predict t1.nii.gz --model last.ckpt --out predictions/": (f"{PREDICT}::test_predict_a_nifti_file_from_a_lightning_checkpoint", "a NIfTI file with a Lightning checkpoint and --out"),
@@ -80,12 +84,16 @@ COVERED_BY: dict[str, tuple[str, str]] = {
     # ---- the annotation loop
     "spadkit session store.zarr CASE suggest --model spad_vit_small": (SESSION, "suggest, submit, undo, redo, history on the MNI152 at 2 mm (spad_vit_test)"),
     "spadkit session store.zarr CASE submit --axis z --index 90 --mask slice.npy": (SESSION, "submit of a .npy mask"),
-    "spadkit session store.zarr CASE undo | redo | history": (SESSION, "undo, redo and history (README notation: one of the three, not a pipe)"),
+    "spadkit session store.zarr CASE undo": (SESSION, "undo, redo and history"),
+    "spadkit session store.zarr CASE finetune --finetune-steps 200": ("tests/active/test_command.py::test_a_full_finetune_runs_headless_from_the_shell", "finetune with a few steps on the MNI152 at 2 mm"),
+    ".venv/bin/spadkit session demo_output/demo.zarr mni152_t1_1mm suggest --label demo_gm": (SESSION, "suggest on a resumed session (the demo's store and label in README)"),
+    "spadkit demo --quick": (DEMO_QUICK, "the demo with Budget.quick() (what --quick selects)"),
     "spadkit session brains.zarr mni suggest --model spad_vit_small": (SESSION, "suggest with a registered model name"),
     "spadkit session brains.zarr mni submit --axis z --index 68 --mask slice68.npy": (SESSION, "submit of a .npy mask"),
     "spadkit session brains.zarr mni undo": (SESSION, "undo"),
     # ---- front-ends
     "napari --plugin spadkit demo_output/demo.zarr/mni152_t1_1mm": ("tests/napari/test_reader.py::test_views_are_radiological", "opens a store case with the spadkit reader in a real viewer under Xvfb"),
+    ".venv/bin/napari --plugin spadkit demo_output/demo.zarr/mni152_t1_1mm": ("tests/napari/test_reader.py::test_views_are_radiological", "opens a store case with the spadkit reader in a real viewer under Xvfb"),
     "napari --plugin spadkit scan.nii.gz": ("tests/napari/test_reader.py::test_nrrd_and_dicom_files_open_in_ras_at_their_spacing", "the spadkit reader on NRRD and DICOM files"),
     ".venv/bin/jupyter lab notebooks/": ("tests/test_notebook_browser.py::test_run_all_cells_in_jupyterlab_shows_the_slice_viewer", "a real JupyterLab server on notebooks/ in headless Chromium, Run All Cells"),
 }
