@@ -52,7 +52,3 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-#: The former private name, still imported by ``spadkit.active.finetune_worker``.
-_fsync_dir = fsync_dir

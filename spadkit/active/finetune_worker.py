@@ -41,7 +41,7 @@ import torch
 
 from spadkit.active import features_cache as cache
 from spadkit.active.history import decode, item_box, region_mask
-from spadkit.atomic import _fsync_dir
+from spadkit.atomic import fsync_dir
 from spadkit.errors import SpadkitError
 
 SPEC, PROGRESS, LOG = "spec.json", "progress.json", "log.txt"
@@ -212,9 +212,9 @@ def run_job(job_dir: str) -> None:
         for path in partial.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(partial)
+        fsync_dir(partial)
         os.replace(partial, job / WEIGHTS)
-        _fsync_dir(job)
+        fsync_dir(job)
         write_progress(job, state="done", step=spec["max_steps"], max_steps=spec["max_steps"], loss=loss, message=f"done in {result['seconds']:.1f} s", pid=os.getpid())
     except Exception as error:  # report any failure (a bad spec, a SpadkitError, out of memory) to the parent
         with open(job / LOG, "a") as log:
