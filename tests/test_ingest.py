@@ -174,6 +174,17 @@ def test_distributed_scheduler_address(msd_folder, tmp_path):
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
         report = ingest(msd_folder, str(tmp_path / "dist.zarr"), entry=_entry(), scheduler_address=cluster.scheduler_address, progress=False)
     assert report.ok and len(report.written) == 3
+    assert ingest(msd_folder, str(tmp_path / "threads.zarr"), entry=_entry(), progress=False).ok
+    on_cluster, on_threads = OMEZarrStore(str(tmp_path / "dist.zarr")), OMEZarrStore(str(tmp_path / "threads.zarr"))
+    assert on_cluster.cases() == on_threads.cases()
+    for case in on_threads.cases():  # the same voxels, labels, geometry and statistics as with local threads
+        np.testing.assert_array_equal(on_cluster.read_image(case).numpy(), on_threads.read_image(case).numpy())
+        assert on_cluster.label_names(case) == on_threads.label_names(case)
+        for name in on_threads.label_names(case):
+            np.testing.assert_array_equal(on_cluster.read_label(case, name).numpy(), on_threads.read_label(case, name).numpy())
+        np.testing.assert_array_equal(on_cluster.read_image(case).affine, on_threads.read_image(case).affine)
+        assert on_cluster.case_attrs(case)["intensity"] == on_threads.case_attrs(case)["intensity"]
+    assert on_cluster.info["fingerprint"] == on_threads.info["fingerprint"]
 
 
 def test_empty_folder_says_what_to_do(tmp_path):
