@@ -20,22 +20,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import torch
 
 from spadkit.data.augment import batch_seed
-from spadkit.models import create_model, save_pretrained
+from spadkit.models import PretrainedCfg, create_model
 from spadkit.models.mae import MAEDecoder, mae_loss, masked_positions, random_keep
 from spadkit.models.vit import resolve_level, token_grid
-from spadkit.tasks.pretrain import (
-    adamw_with_cosine,
-    full_submodule_state,
-    level_on_host,
-    pretrained_cfg,
-)
+from spadkit.tasks.pretrain import BackbonePretraining, pretrained_cfg
 
 
-class MAEPretrain(L.LightningModule):
+class MAEPretrain(BackbonePretraining):
     """Pretrain a registered SPAD-ViT as an MAE encoder.
 
     Args:
@@ -68,9 +62,6 @@ class MAEPretrain(L.LightningModule):
         self.backbone.mask_token.requires_grad_(False)  # the SimMIM token: an MAE encoder never sees it (DDP refuses unused parameters)
         self.decoder = MAEDecoder(self.backbone.embed_dim, in_chans, decoder_dim, decoder_depth, decoder_heads)
 
-    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        return level_on_host(batch)
-
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``mae`` (= ``loss``) and ``mae_floor_zero`` on one batch; the masks are seeded by the batch."""
         x, spacing = batch["image"], batch["spacing"]
@@ -87,24 +78,7 @@ class MAEPretrain(L.LightningModule):
             floor = mae_loss(torch.zeros_like(recon), x, grid, masked)
         return {"loss": loss, "mae": loss.detach(), "mae_floor_zero": floor}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["image"]))
-        return losses["loss"]
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self.losses(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["image"]), sync_dist=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_with_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
-
-    def on_train_end(self) -> None:
-        """Export the encoder (gathered from every rank first, so FSDP exports full weights)."""
-        if not self.hparams.export_dir:
-            return
-        state = full_submodule_state(self, "backbone")
-        if state is not None:
-            cfg = pretrained_cfg(self, self.hparams.backbone, "mae (VISION-MAE: encoder on visible tokens only)")
-            cfg.provenance["recipe"] = "mae"
-            save_pretrained(self.backbone, cfg, self.hparams.export_dir, state_dict=state)
+    def export_cfg(self) -> PretrainedCfg:
+        cfg = pretrained_cfg(self, self.hparams.backbone, "mae (VISION-MAE: encoder on visible tokens only)")
+        cfg.provenance["recipe"] = "mae"
+        return cfg

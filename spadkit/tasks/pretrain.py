@@ -61,7 +61,44 @@ from spadkit.models.vit import resolve_level, token_grid, token_patches
 from spadkit.tasks.diagnostics import PositionPrior, soft_entropy, textured_tokens
 
 
-class MIMPretrain(L.LightningModule):
+class BackbonePretraining(L.LightningModule):
+    """What :class:`MIMPretrain` and :class:`~spadkit.tasks.MAEPretrain` share: their ``losses(batch)``
+    logged per step, AdamW with warm-up and cosine decay, the batch level kept on the host, and the
+    export of ``self.backbone`` at the end of training (gathered from every rank first, so FSDP
+    exports full weights). Subclasses define ``losses`` and :meth:`export_cfg`.
+    """
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def export_cfg(self) -> PretrainedCfg:
+        """The :class:`PretrainedCfg` written beside the exported backbone."""
+        raise NotImplementedError
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        return level_on_host(batch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch["image"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["image"]), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_with_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
+
+    def on_train_end(self) -> None:
+        if not self.hparams.export_dir:
+            return
+        state = full_submodule_state(self, "backbone")
+        if state is not None:
+            save_pretrained(self.backbone, self.export_cfg(), self.hparams.export_dir, state_dict=state)
+
+
+class MIMPretrain(BackbonePretraining):
     """Pretrain a registered SPAD-ViT with MIM, MAE and the auxiliary heads.
 
     Args:
@@ -164,9 +201,6 @@ class MIMPretrain(L.LightningModule):
                 setattr(self, f"{head}_head", None)
                 self.hparams[f"{head}_weight"] = 0.0  # the checkpoint then rebuilds the module without it
 
-    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        return level_on_host(batch)
-
     def random_mask(self, batch_size: int, num_tokens: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, N)`` bool with exactly ``round(N * mask_ratio)`` (at least 1) masked tokens per sample.
 
@@ -219,28 +253,11 @@ class MIMPretrain(L.LightningModule):
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return {**out, **floors}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.losses(batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["image"]))
-        return losses["loss"]
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self.losses(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=len(batch["image"]), sync_dist=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_with_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
-
-    def on_train_end(self) -> None:
-        """Export the backbone (gathered from every rank first, so FSDP exports full weights)."""
-        if not self.hparams.export_dir:
-            return
-        state = full_submodule_state(self, "backbone")
-        if state is not None:
-            cfg = pretrained_cfg(self, self.hparams.backbone, "mim+mae+aux pretraining", modalities=self.modalities)
-            cfg.provenance["heads_off"] = dict(self.heads_off)
-            cfg.provenance["recipe"] = self.hparams.recipe
-            save_pretrained(self.backbone, cfg, self.hparams.export_dir, state_dict=state)
+    def export_cfg(self) -> PretrainedCfg:
+        cfg = pretrained_cfg(self, self.hparams.backbone, "mim+mae+aux pretraining", modalities=self.modalities)
+        cfg.provenance["heads_off"] = dict(self.heads_off)
+        cfg.provenance["recipe"] = self.hparams.recipe
+        return cfg
 
 
 def full_submodule_state(module: L.LightningModule, name: str) -> dict[str, torch.Tensor] | None:
