@@ -1,5 +1,5 @@
 """Spacing-adaptive models (plain ``nn.Module``s): SPAD-ViT, the SPAD-VT tokenizer, heads, registry,
-the SPAD-UNETR segmenter and the classifier."""
+the SPAD-UNETR segmenter, the classifier and UniMed's decoders."""
 
 from spadkit.models.classifier import SpadClassifier
 from spadkit.models.eva import SpadEva
@@ -31,6 +31,7 @@ from spadkit.models.spad import (
 )
 from spadkit.models.tokenizer import PatchDiscriminator, SpadVT
 from spadkit.models.unetr import SpadUNETR
+from spadkit.models.unimed import UniMedDecoder, UniMedNet, compose_targets
 from spadkit.models.vit import SpadViT, patch_shape, token_grid
 
 __all__ = [
@@ -48,8 +49,11 @@ __all__ = [
     "SpadUNETR",
     "SpadVT",
     "SpadViT",
+    "UniMedDecoder",
+    "UniMedNet",
     "anisotropy_level",
     "batch_level",
+    "compose_targets",
     "create_model",
     "list_models",
     "load_pretrained",
