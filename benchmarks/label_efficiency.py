@@ -47,6 +47,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -403,19 +404,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 4x4x4 mm grid, k 1 and 4, one seed, ventricles, 3 steps",
+        help="smoke run: 4x4x4 mm grid, k 1 and 4, one seed, ventricles, 3 steps (explicit options win)",
     )
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.spacings, args.ks, args.seeds, args.targets, args.steps = (
-            ["4x4x4"],
-            [1, 4],
-            [0],
-            ["ventricles"],
-            3,
-        )
-    return args
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of --out that this run does not redo (another arm, grid, k or seed)",
+    )
+    if "--quick" in (sys.argv[1:] if argv is None else argv):  # defaults only: explicit options win
+        parser.set_defaults(spacings=["4x4x4"], ks=[1, 4], seeds=[0], targets=["ventricles"], steps=3)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -426,14 +425,16 @@ def main(argv: list[str] | None = None) -> dict:
     arms = [a for a in args.arms if args.weights or a not in ("pretrained", "light_head")]
     train = TrainSettings(steps=args.steps)
 
-    runs, cases, started = [], {}, time.perf_counter()
+    kept, cases = previous_rows(args, arms) if args.merge else ([], {})
+    runs, started = list(kept), time.perf_counter()
     for spec in args.spacings:
         for rows, info in run_case(build_case(spec), arms, args.ks, args.seeds, args, train):
             runs += rows
-            cases[spec] = info
+            cases[spec] = merge_grid(cases.get(spec), info)
             result = {
                 "runs": runs,
-                "settings": settings(args, cfg, train, cases, time.perf_counter() - started),
+                "settings": settings(args, cfg, train, cases, time.perf_counter() - started)
+                | {"ks": sorted({r["k"] for r in runs}), "seeds": sorted({r["seed"] for r in runs})},
             }
             with atomic_path(
                 args.out
@@ -441,6 +442,34 @@ def main(argv: list[str] | None = None) -> dict:
                 Path(tmp).write_text(json.dumps(result, indent=1))
             plot(runs, args.out.with_suffix(".png"), cases)
     return result
+
+
+def previous_rows(args: argparse.Namespace, arms: list[str]) -> tuple[list[dict], dict]:
+    """The rows and grids of ``--out`` that this run does not redo, for ``--merge``.
+
+    Raises:
+        SystemExit: when the earlier run trained its networks another way (the rows would not compare).
+    """
+    if not args.out.exists():
+        return [], {}
+    earlier = json.loads(args.out.read_text())
+    train = TrainSettings(steps=args.steps)
+    if earlier["settings"]["train"]["steps"] != train.steps or earlier["settings"]["weights"] != (
+        os.fspath(args.weights) if args.weights else None
+    ):
+        raise SystemExit(
+            f"{args.out}: its runs used other --steps or --weights; --merge only joins runs of one configuration"
+        )
+    redo = {(a, s, k, seed) for a in arms for s in args.spacings for k in args.ks for seed in args.seeds}
+    rows = [r for r in earlier["runs"] if (r["arm"], r["spacing"], r["k"], r["seed"]) not in redo]
+    return rows, earlier["settings"]["grids"]
+
+
+def merge_grid(earlier: dict | None, info: dict) -> dict:
+    """A grid's summary after this run: its timings per arm joined to those of the earlier run."""
+    if earlier is None:
+        return info
+    return info | {"seconds_per_arm": earlier["seconds_per_arm"] | info["seconds_per_arm"]}
 
 
 def settings(
