@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler, grid_windows
     from spadkit.data.sources import CaseInfo, DatasetSource, dataset_probabilities, index_source
     from spadkit.data.stream import PatchStream, StreamLoader, distributed_rank
+    from spadkit.io.annotations import LEVELS, Boxes, ImageClasses
 
 _EXPORTS = {
     "BatchAugment": "spadkit.data.augment",
@@ -24,12 +25,16 @@ _EXPORTS = {
     **dict.fromkeys(("LabelSampler", "PatchSize", "UniformSampler", "grid_windows"), "spadkit.data.patches"),
     **dict.fromkeys(("CaseInfo", "DatasetSource", "dataset_probabilities", "index_source"), "spadkit.data.sources"),
     **dict.fromkeys(("PatchStream", "StreamLoader", "distributed_rank"), "spadkit.data.stream"),
+    **dict.fromkeys(("LEVELS", "Boxes", "ImageClasses"), "spadkit.io.annotations"),
 }
 __all__ = [
+    "LEVELS",
     "BatchAugment",
+    "Boxes",
     "CaseInfo",
     "ChunkCache",
     "DatasetSource",
+    "ImageClasses",
     "LabelSampler",
     "PatchDataModule",
     "PatchSize",

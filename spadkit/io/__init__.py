@@ -15,6 +15,9 @@ Every reader checks the decoded size from the file's header against a budget
 before decoding (:mod:`spadkit.io.budget`; ``SPADKIT_MAX_DECODED_BYTES``) and
 lists the files it read in ``Volume.meta["sources"]``. A detached NRRD header
 may only name a data file in its own folder (``allow_outside=True`` to override).
+
+Box sets and image-level classes of a store's cases are :class:`Boxes` and
+:class:`ImageClasses` (:mod:`spadkit.io.annotations`, with the annotation :data:`LEVELS`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from spadkit.errors import UnsupportedFormatError
+from spadkit.io.annotations import LEVELS, Boxes, ImageClasses
 from spadkit.io.dicom import is_dicom_file, read_dicom
 from spadkit.io.image2d import read_image2d
 from spadkit.io.nifti import read_nifti, write_nifti
@@ -33,7 +37,10 @@ from spadkit.io.omezarr import OMEZarrStore
 from spadkit.volume import LabelVolume, Volume
 
 __all__ = [
+    "LEVELS",
     "SUPPORTED_SUFFIXES",
+    "Boxes",
+    "ImageClasses",
     "OMEZarrStore",
     "detect_format",
     "read_label",

@@ -12,6 +12,11 @@ Layout of a store (a local folder or an fsspec URL such as ``s3://bucket/ds.zarr
             v0001/0 v0001/1     every saved edit is a new version (time, author, message)
             v0002/0 ...
             v0002/annotated     optional (z, y, x) uint8 mask: 1 = a person annotated the voxel
+        boxes/                  box sets (attrs: their names); not NGFF, which NGFF readers ignore
+          boxes/                one set; attrs list its versions (time, author, exhaustive, class names)
+            v0001               (N, 7) float64 array, rows [class, z0, y0, x0, z1, y1, x1]
+        classes/                image-level class records (attrs: their names)
+          classes/              attrs list its versions, each with "present" and "absent" classes
 
 Each case group carries ``attrs["spadkit"]`` with the full RAS affine, the
 original (pre-reorientation) affine, modality, intensity statistics and
@@ -45,6 +50,18 @@ beside the NGFF ``datasets`` (which only list the levels), so NGFF readers
 without it (every version of older stores, or saved with ``annotated=None``)
 is fully annotated; its entry says so (``"annotated": false``).
 
+Weaker annotations than a label map (:mod:`spadkit.io.annotations`) sit beside
+``labels/``, versioned like it: *box sets* (level-0 voxel edges of the stored
+array, half-open, one class each; ``exhaustive`` when every object of the set's
+classes is boxed) and *image-level classes* (known present / known absent in the
+case). NGFF 0.5 defines no boxes or tables, so they are ordinary Zarr v3 groups
+(and one small array per box version) that ome-zarr-py and napari-ome-zarr
+skip: they read only ``multiscales`` datasets and ``labels``. A box version's
+array is written and fsync'd before the set's ``zarr.json`` (replaced in one
+atomic write) lists it, and an image-class version lives in that document
+itself, so neither can be half-written. :meth:`OMEZarrStore.annotation_levels`
+says which levels (``mask``, ``box``, ``class``) a case has.
+
 Volumes are stored in canonical RAS orientation; NGFF has no orientation or
 rotation field, so ``coordinateTransformations`` hold the spacing and the
 origin and viewers (napari-ome-zarr) show the right physical scale.
@@ -57,7 +74,7 @@ import getpass
 import json
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,8 +84,17 @@ from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_multiscales_metadata
 
 from spadkit.errors import StoreError
+from spadkit.io.annotations import (
+    LEVELS,
+    Boxes,
+    ImageClasses,
+    check_boxes,
+    check_class_names,
+    check_image_classes,
+)
 from spadkit.io.lock import LABEL_LOCK_TIMEOUT_S, store_lock
 from spadkit.io.pyramid import (
+    COMPRESSOR,
     Box,
     UnitCounts,
     chunk_shape,
@@ -94,6 +120,8 @@ LABEL_DTYPE = np.dtype(np.int32)
 
 #: Name of the annotated-mask array inside a label version's folder.
 ANNOTATED = "annotated"
+#: Groups of a case holding box sets and image-level class records (see the module docstring).
+BOXES, CLASSES = "boxes", "classes"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RESERVED = {"labels", "zarr.json"}
@@ -566,4 +594,176 @@ class OMEZarrStore:
                     "spadkit": {"versions": [*versions, entry], "classes": {str(k): v for k, v in classes.items()}},
                 }
             )
+        return number
+
+    # ------------------------------------------------------------------ boxes and image classes
+    def save_boxes(
+        self,
+        case_id: str,
+        boxes: np.ndarray,
+        classes: Sequence[int],
+        name: str = "boxes",
+        *,
+        exhaustive: bool = True,
+        class_names: Mapping[int, str] | None = None,
+        author: str | None = None,
+        message: str = "",
+    ) -> int:
+        """Save a set of boxes of a case as a new version of ``boxes/<name>``; return its number.
+
+        Args:
+            case_id: a complete case of the store.
+            boxes: ``(N, 6)`` level-0 voxel edges ``(z0, y0, x0, z1, y1, x1)`` of the stored (RAS)
+                array, half-open (:mod:`spadkit.io.annotations`), inside the image; ``N`` may be 0.
+            classes: ``(N,)`` class of each box, whole numbers ``>= 1`` (0 is background).
+            name: the box set.
+            exhaustive: every object of the set's classes (``class_names`` keys, else the boxes'
+                classes) is boxed, so voxels outside their boxes are known free of them; an
+                exhaustive empty set with ``class_names`` says "none of these anywhere".
+            class_names: class value -> name (recorded, and the classes an exhaustive set covers).
+            author, message: recorded with the version (author default: the OS user).
+
+        The ``(N, 7)`` array ``[class, z0, y0, x0, z1, y1, x1]`` is written under a new version
+        folder and fsync'd before the set's metadata, replaced in one atomic write, points at it:
+        an interrupted save leaves the previous version (or no set) readable.
+
+        Raises:
+            StoreError: an invalid name or case, boxes that are not ``(N, 6)``, NaN, empty along an
+                axis or outside the image, classes that are not whole numbers >= 1 (one per box),
+                or the set's lock held for :data:`~spadkit.io.lock.LABEL_LOCK_TIMEOUT_S` seconds.
+        """
+        check_name(name, "box set name", self.url)
+        where = f"{self.url.rstrip('/')}/{case_id}/{BOXES}/{name}"
+        shape = self.case_attrs(case_id)["shape_czyx"][1:]
+        corners, values = check_boxes(boxes, classes, shape, where)
+        names = check_class_names(class_names, where)
+        rows = np.column_stack([values.astype(np.float64), corners]) if len(values) else np.zeros((0, 7))
+
+        def write(record: zarr.Group, path: str) -> None:
+            array = record.create_array(
+                path,
+                shape=rows.shape,
+                dtype=np.float64,
+                chunks=(max(1, len(rows)), 7),
+                compressors=[COMPRESSOR],
+                dimension_names=("box", "field"),
+                fill_value=0,
+                overwrite=True,
+                config={"write_empty_chunks": True},
+            )
+            array[...] = rows
+
+        entry = {"count": len(rows), "exhaustive": bool(exhaustive), "class_names": None if names is None else {str(k): v for k, v in names.items()}}
+        return self._save_record(case_id, BOXES, name, entry, author=author, message=message, write=write)
+
+    def read_boxes(self, case_id: str, name: str = "boxes", version: int | None = None) -> Boxes | None:
+        """The case's box set ``name`` (the latest version unless ``version`` is given), or None if it has none.
+
+        Raises:
+            StoreError: no such case or version, or the version's array is gone.
+        """
+        entry = self._record_entry(case_id, BOXES, name, version)
+        if entry is None:
+            return None
+        record = self._case(case_id)[f"{BOXES}/{name}"]
+        try:
+            rows = np.asarray(record[entry["path"]][...], dtype=np.float64).reshape(-1, 7)
+        except (KeyError, FileNotFoundError):
+            raise StoreError(f"box set {name!r} version {entry['version']} is missing its array", path=f"{self.url.rstrip('/')}/{record.path}", fix=LOST_CHUNK_FIX) from None
+        names = entry.get("class_names")
+        return Boxes(rows[:, 1:].copy(), rows[:, 0].astype(np.int64), bool(entry["exhaustive"]), None if names is None else {int(k): v for k, v in names.items()})
+
+    def save_image_classes(
+        self, case_id: str, present: Sequence[int], absent: Sequence[int] = (), name: str = "classes", *, author: str | None = None, message: str = ""
+    ) -> int:
+        """Save what is known of the whole case as a new version of ``classes/<name>``; return its number.
+
+        Args:
+            present: classes known present somewhere in the case (whole numbers >= 1).
+            absent: classes known absent everywhere in it; a class in neither list is unknown.
+
+        Raises:
+            StoreError: an invalid name or case, values that are not whole numbers >= 1, a class in
+                both lists, or the lock held too long.
+        """
+        check_name(name, "image class record name", self.url)
+        known = check_image_classes(present, absent, f"{self.url.rstrip('/')}/{case_id}/{CLASSES}/{name}")
+        return self._save_record(case_id, CLASSES, name, {"present": list(known.present), "absent": list(known.absent)}, author=author, message=message)
+
+    def read_image_classes(self, case_id: str, name: str = "classes", version: int | None = None) -> ImageClasses | None:
+        """The case's image-level classes ``name`` (latest version unless ``version``), or None if it has none."""
+        entry = self._record_entry(case_id, CLASSES, name, version)
+        return None if entry is None else ImageClasses(tuple(entry["present"]), tuple(entry["absent"]))
+
+    def box_sets(self, case_id: str) -> list[str]:
+        """Names of the case's box sets that have a saved version."""
+        return self._record_names(case_id, BOXES)
+
+    def image_class_sets(self, case_id: str) -> list[str]:
+        """Names of the case's image-level class records that have a saved version."""
+        return self._record_names(case_id, CLASSES)
+
+    def annotation_levels(self, case_id: str) -> tuple[str, ...]:
+        """The :data:`~spadkit.io.annotations.LEVELS` the case has, in that order: ``"mask"`` with a label
+        map (any name), ``"box"`` with a box set, ``"class"`` with image-level classes; ``()``: unlabelled."""
+        has = {"mask": bool(self.label_names(case_id)), "box": bool(self.box_sets(case_id)), "class": bool(self.image_class_sets(case_id))}
+        return tuple(level for level in LEVELS if has[level])
+
+    def record_versions(self, case_id: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """Saved versions of a box set (``kind="boxes"``) or image-class record (``"classes"``), oldest first:
+        ``version``, ``time``, ``author``, ``message`` and the record's own fields; ``[]`` if it has none."""
+        group = self._case(case_id)
+        if kind not in (BOXES, CLASSES):
+            raise StoreError(f"unknown annotation kind {kind!r}", path=self.url, fix=f"use {BOXES!r} or {CLASSES!r}.")
+        check_name(name, f"{kind} name", self.url)
+        if f"{kind}/{name}" not in group:
+            return []
+        return list(group[f"{kind}/{name}"].attrs.get("spadkit", {}).get("versions", []))
+
+    def _record_entry(self, case_id: str, kind: str, name: str, version: int | None) -> dict[str, Any] | None:
+        versions = self.record_versions(case_id, kind, name)
+        if not versions:
+            return None
+        chosen = versions[-1] if version is None else next((v for v in versions if v["version"] == version), None)
+        if chosen is None:
+            raise StoreError(f"{kind} {name!r} of {case_id} has no version {version}", path=self.url, fix=f"versions: {[v['version'] for v in versions]}.")
+        return chosen
+
+    def _record_names(self, case_id: str, kind: str) -> list[str]:
+        group = self._case(case_id)
+        if kind not in group:
+            return []
+        return [name for name in group[kind].attrs.get("spadkit", {}).get("names", []) if self.record_versions(case_id, kind, name)]
+
+    def _save_record(
+        self,
+        case_id: str,
+        kind: str,
+        name: str,
+        fields: Mapping[str, Any],
+        *,
+        author: str | None,
+        message: str,
+        write: Callable[[zarr.Group, str], None] | None = None,
+    ) -> int:
+        """Append a version to ``<case>/<kind>/<name>`` under the case's ``kind`` lock: ``write(record, path)``
+        writes its arrays (fsync'd) first, then the record's metadata is replaced atomically. Returns its number."""
+        case_group = self._case(case_id)
+        with store_lock(self.url, f".spadkit/{kind}/{case_id}.lock", f"{kind} save of {case_id}/{name}", timeout_s=LABEL_LOCK_TIMEOUT_S):
+            parent = case_group.require_group(kind)  # read afresh under the lock
+            names = list(parent.attrs.get("spadkit", {}).get("names", []))
+            if name not in names:
+                parent.attrs.put({"spadkit": {"names": [*names, name]}})
+            record = parent.require_group(name)
+            versions = list(record.attrs.get("spadkit", {}).get("versions", []))
+            number = versions[-1]["version"] + 1 if versions else 1
+            path = f"v{number:04d}"
+            if write is not None:
+                if path in record:  # left by an interrupted save: never referenced, and we hold the lock
+                    del record[path]
+                with self._store.journal(f"{record.path}/{path}/") as journal:
+                    write(record, path)
+                    self._store.make_durable(journal, upto=record.path)
+            entry = {"version": number, **({"path": path} if write else {}), "time": now_iso(), "author": author or getpass.getuser(), "message": message, **fields}
+            record.attrs.put({"spadkit": {"versions": [*versions, entry]}})
         return number
