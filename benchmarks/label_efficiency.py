@@ -328,7 +328,13 @@ def plot(runs: list[dict], path: Path, cases: dict) -> Path:
                 if not ks:
                     continue
                 values = [[r[metric] for r in rows if r["k"] == k] for k in ks]
-                (line,) = ax.plot(ks, [np.mean(v) for v in values], marker="o", label=arm, color=f"C{ARMS.index(arm)}")
+                (line,) = ax.plot(
+                    ks,
+                    [np.mean(v) for v in values],
+                    marker="o",
+                    label=arm,
+                    color=f"C{ARMS.index(arm)}",
+                )
                 ax.fill_between(
                     ks,
                     [min(v) for v in values],
@@ -413,7 +419,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the rows of --out that this run does not redo (another arm, grid, k or seed)",
     )
     if "--quick" in (sys.argv[1:] if argv is None else argv):  # defaults only: explicit options win
-        parser.set_defaults(spacings=["4x4x4"], ks=[1, 4], seeds=[0], targets=["ventricles"], steps=3)
+        parser.set_defaults(
+            spacings=["4x4x4"], ks=[1, 4], seeds=[0], targets=["ventricles"], steps=3
+        )
     return parser.parse_args(argv)
 
 
@@ -434,7 +442,10 @@ def main(argv: list[str] | None = None) -> dict:
             result = {
                 "runs": runs,
                 "settings": settings(args, cfg, train, cases, time.perf_counter() - started)
-                | {"ks": sorted({r["k"] for r in runs}), "seeds": sorted({r["seed"] for r in runs})},
+                | {
+                    "ks": sorted({r["k"] for r in runs}),
+                    "seeds": sorted({r["seed"] for r in runs}),
+                },
             }
             with atomic_path(
                 args.out
@@ -460,7 +471,9 @@ def previous_rows(args: argparse.Namespace, arms: list[str]) -> tuple[list[dict]
         raise SystemExit(
             f"{args.out}: its runs used other --steps or --weights; --merge only joins runs of one configuration"
         )
-    redo = {(a, s, k, seed) for a in arms for s in args.spacings for k in args.ks for seed in args.seeds}
+    redo = {
+        (a, s, k, seed) for a in arms for s in args.spacings for k in args.ks for seed in args.seeds
+    }
     rows = [r for r in earlier["runs"] if (r["arm"], r["spacing"], r["k"], r["seed"]) not in redo]
     return rows, earlier["settings"]["grids"]
 

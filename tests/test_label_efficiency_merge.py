@@ -42,7 +42,17 @@ def test_merge_keeps_other_rows_and_replaces_redone_ones(bench, tmp_path):
 
 def test_merge_refuses_runs_of_another_configuration(bench, tmp_path):
     out = tmp_path / "le.json"
-    common = ["--quick", "--arms", "random_forest", "--out", str(out), "--threads", "1", "--ks", "1"]
+    common = [
+        "--quick",
+        "--arms",
+        "random_forest",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--ks",
+        "1",
+    ]
     bench.main(common)
     with pytest.raises(SystemExit, match="other --steps"):
         bench.main([*common, "--merge", "--steps", "7"])
