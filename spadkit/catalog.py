@@ -108,6 +108,12 @@ class DatasetEntry(BaseModel):
         description="Folder layout after extraction, which `spadkit ingest` uses to pair images and labels."
     )
     notes: str | None = Field(default=None, description="Anything a user should know (splits, versions, caveats).")
+    annotation_levels: list[Literal["mask", "box", "class", "none"]] | None = Field(
+        default=None,
+        min_length=1,
+        description="Levels of the public annotations: 'mask' (voxel label maps), 'box' (bounding boxes), 'class' "
+        "(image-level classes), or ['none']; some cases may have only some of them. Null: derived from task.",
+    )
 
     @field_validator("typical_spacing_mm_zyx")
     @classmethod
@@ -116,9 +122,29 @@ class DatasetEntry(BaseModel):
             raise ValueError("spacings must be positive (mm)")
         return value
 
+    @field_validator("annotation_levels")
+    @classmethod
+    def _levels_distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(set(value)) != len(value) or ("none" in value and len(value) > 1)):
+            raise ValueError("list each level once; 'none' stands alone")
+        return value
+
     @property
     def modality_codes(self) -> list[str]:
         return [m.value for m in self.modality]
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The annotation levels (:data:`spadkit.io.annotations.LEVELS` order), or ``("none",)``:
+        ``annotation_levels`` where given, else from ``task`` (segmentation: mask, detection: box,
+        classification: class; regression and none add no level)."""
+        from spadkit.io.annotations import LEVELS  # here: listing the catalog needs no store stack
+
+        given = self.annotation_levels or [_TASK_LEVELS[t] for t in self.task if t in _TASK_LEVELS]
+        return tuple(level for level in LEVELS if level in given) or ("none",)
+
+
+_TASK_LEVELS = {Task.SEGMENTATION: "mask", Task.DETECTION: "box", Task.CLASSIFICATION: "class"}
 
 
 @dataclass(frozen=True)
