@@ -270,7 +270,13 @@ DECODER_SIZES = {
 
 def decoder_args(vit: str, **overrides: Any) -> dict[str, Any]:
     """:class:`UniMedDecoder` sizes for the registered ViT ``vit`` (:data:`DECODER_SIZES`, UNETR's
-    ``feature_size``), with ``overrides`` (``None`` values ignored)."""
+    ``feature_size``), with ``overrides`` (``None`` values ignored).
+
+    Raises:
+        SpadkitError: ``vit`` has no UniMed sizes.
+    """
+    if vit not in DECODER_SIZES:
+        raise SpadkitError(f"no UniMed decoder sizes for the backbone {vit!r}", fix=f"use one of {', '.join(DECODER_SIZES)}.")
     return {"feature_size": FEATURE_SIZES[vit], **DECODER_SIZES[vit], **{k: v for k, v in overrides.items() if v is not None}}
 
 

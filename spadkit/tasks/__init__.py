@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from spadkit.tasks.mae import MAEPretrain
     from spadkit.tasks.pretrain import MIMPretrain, adamw_with_cosine
     from spadkit.tasks.tokenizer import TokenizerPretrain
+    from spadkit.tasks.unimed import UniMedPretrain
 
-_EXPORTS = {"ClsFinetune": "spadkit.tasks.finetune", "MAEPretrain": "spadkit.tasks.mae", "SegFinetune": "spadkit.tasks.finetune", "MIMPretrain": "spadkit.tasks.pretrain", "adamw_with_cosine": "spadkit.tasks.pretrain", "TokenizerPretrain": "spadkit.tasks.tokenizer"}
-__all__ = ["ClsFinetune", "MAEPretrain", "MIMPretrain", "SegFinetune", "TokenizerPretrain", "adamw_with_cosine"]
+_EXPORTS = {"ClsFinetune": "spadkit.tasks.finetune", "MAEPretrain": "spadkit.tasks.mae", "SegFinetune": "spadkit.tasks.finetune", "MIMPretrain": "spadkit.tasks.pretrain", "adamw_with_cosine": "spadkit.tasks.pretrain", "TokenizerPretrain": "spadkit.tasks.tokenizer", "UniMedPretrain": "spadkit.tasks.unimed"}
+__all__ = ["ClsFinetune", "MAEPretrain", "MIMPretrain", "SegFinetune", "TokenizerPretrain", "UniMedPretrain", "adamw_with_cosine"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
