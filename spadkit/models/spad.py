@@ -17,6 +17,13 @@ One set of 3D weights serves isotropic 3D, anisotropic 3D and 2D inputs:
 Layers know their position: ``level`` is the number of in-plane halvings the
 network applied before the layer's input, fixed by the architecture; the
 batch's level ``d`` arrives at ``forward`` time.
+
+On the CPU the layers compute the same sums through faster kernels (see
+:func:`conv3d`, :func:`patchify_conv3d`, :func:`unpatchify_conv_transpose3d`):
+PyTorch sends a float32 3x3x3 convolution of a single image to its native
+``slow_conv3d`` (im2col + GEMM; 5-10x slower than oneDNN forward and backward
+on UNETR's full-resolution decoder maps), and kernels equal to their stride are
+a reshape and one matrix product.
 """
 
 from __future__ import annotations
@@ -113,6 +120,92 @@ def _group_sum_depth(weight: torch.Tensor, taps: int, *, mean: bool = False) -> 
     return grouped.mean(dim=3) if mean else grouped.sum(dim=3)
 
 
+#: Dtypes whose single-image CPU convolutions :func:`conv3d` splits (oneDNN's float32 path;
+#: bfloat16 goes to oneDNN at any batch size, float64 has no oneDNN kernel).
+SPLIT_DTYPES = frozenset({torch.float32})
+
+
+def _conv_output(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, int, int] = (1, 1, 1),
+    padding: tuple[int, int, int] = (0, 0, 0),
+) -> torch.Tensor:
+    """``F.conv3d`` that keeps a float32 CPU batch of one on oneDNN's kernels.
+
+    PyTorch picks oneDNN (mkldnn) for a float32 CPU convolution with a 3x3 (or smaller)
+    in-plane kernel only when the batch has two or more images or ``B * C * Z * Y``
+    exceeds 20480 elements; a single decoder patch falls to the native ``slow_conv3d``,
+    5-10x slower forward and backward (measured on 8-32 channel maps of 16x32x32 and
+    8x64x64 voxels). Here a batch of one is cut in two along its first spatial axis with
+    two or more output positions, each half with the input rows its outputs read (a halo,
+    zero-padded where the convolution pads), convolved as a batch of two and joined
+    again: the same sums, equal up to float rounding (about 1e-6 relative).
+
+    Args:
+        x: ``(B, C, Z, Y, X)``.
+        weight: ``(O, C, kz, ky, kx)``; bias: ``(O,)`` or ``None``.
+        stride, padding: per axis ``(z, y, x)``, as ``F.conv3d``.
+
+    Returns:
+        ``(B, O, Z', Y', X')``, as ``F.conv3d(x, weight, bias, stride, padding)``.
+    """
+    if not (x.device.type == "cpu" and x.dtype in SPLIT_DTYPES and x.shape[0] == 1):
+        return F.conv3d(x, weight, bias, stride, padding)
+    kernel = weight.shape[2:]
+    outputs = [_conv_output(n, k, s, p) for n, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
+    axis = next((a for a, n in enumerate(outputs) if n >= 2), None)
+    if axis is None:
+        return F.conv3d(x, weight, bias, stride, padding)
+    half = -(-outputs[axis] // 2)  # output positions per half (the second may hold one extra, dropped)
+    span = (half - 1) * stride[axis] + kernel[axis]  # input rows one half reads
+    step = half * stride[axis]  # where the second half's rows start
+    pad = [0] * 6  # F.pad order: x, y, z pairs
+    pad[2 * (2 - axis)] = padding[axis]
+    pad[2 * (2 - axis) + 1] = step + span - x.shape[2 + axis] - padding[axis]  # may be < 0: rows no output reads
+    rows = F.pad(x, pad)
+    halves = torch.cat([rows.narrow(2 + axis, 0, span), rows.narrow(2 + axis, step, span)])
+    out = F.conv3d(halves, weight, bias, stride, tuple(0 if a == axis else p for a, p in enumerate(padding)))
+    return torch.cat([out[:1], out[1:]], dim=2 + axis).narrow(2 + axis, 0, outputs[axis])
+
+
+def patchify_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int, int]) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, stride)`` for a kernel equal to its stride, as one matrix product.
+
+    Non-overlapping patches are a reshape: ``(B, C, Z, Y, X)`` ->
+    ``(B, Z/sz * Y/sy * X/sx, C * sz * sy * sx)`` times the flattened ``(O, C, sz, sy, sx)``
+    kernel gives ``(B, O, Z/sz, Y/sy, X/sx)``; trailing voxels that fill no patch are
+    dropped, as the convolution drops them.
+    """
+    b, c = x.shape[:2]
+    grid = [n // s for n, s in zip(x.shape[2:], stride)]
+    (gz, gy, gx), (sz, sy, sx) = grid, stride
+    x = x[:, :, : gz * sz, : gy * sy, : gx * sx].reshape(b, c, gz, sz, gy, sy, gx, sx)
+    patches = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, gz * gy * gx, c * sz * sy * sx)
+    out = F.linear(patches, weight.reshape(len(weight), -1), bias)
+    return out.transpose(1, 2).reshape(b, -1, gz, gy, gx)
+
+
+def unpatchify_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int, int]) -> torch.Tensor:
+    """``F.conv_transpose3d(x, weight, bias, stride)`` for a kernel equal to its stride, as one matrix product.
+
+    Every output voxel receives exactly one kernel tap (a pixel shuffle): ``(B, I, gz, gy, gx)``
+    times the flattened ``(I, O, sz, sy, sx)`` kernel, each token's ``O * sz * sy * sx``
+    values laid out as its ``sz x sy x sx`` block of ``(B, O, gz * sz, gy * sy, gx * sx)``.
+    """
+    b, _, gz, gy, gx = x.shape
+    cout = weight.shape[1]
+    sz, sy, sx = stride
+    blocks = x.flatten(2).transpose(1, 2) @ weight.reshape(len(weight), -1)  # (B, N, O * sz * sy * sx)
+    out = blocks.reshape(b, gz, gy, gx, cout, sz, sy, sx).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, cout, gz * sz, gy * sy, gx * sx)
+    return out if bias is None else out + bias.view(1, -1, 1, 1, 1)
+
+
 class SpadConv3d(nn.Conv3d):
     """A 3D convolution whose depth stride and kernel follow the spacing rule.
 
@@ -138,10 +231,12 @@ class SpadConv3d(nn.Conv3d):
         if self.patchify:
             depth_stride = 2 ** depth_halvings(self.level, self.halvings, aniso_level)
             weight = _group_sum_depth(self.weight, depth_stride)
+            if x.device.type == "cpu":
+                return patchify_conv3d(x, weight, self.bias, (depth_stride, s, s))
             return F.conv3d(x, weight, self.bias, stride=(depth_stride, s, s))
         if self.level < aniso_level:  # depth still finer than in-plane: act as a 1x3x3 conv
-            return F.conv3d(x, self.weight.sum(dim=2, keepdim=True), self.bias, stride=(1, s, s), padding=(0, 1, 1))
-        return super().forward(x)
+            return conv3d(x, self.weight.sum(dim=2, keepdim=True), self.bias, stride=(1, s, s), padding=(0, 1, 1))
+        return conv3d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 class SpadConvTranspose3d(nn.ConvTranspose3d):
@@ -166,4 +261,6 @@ class SpadConvTranspose3d(nn.ConvTranspose3d):
         s = self.stride[1]
         depth_stride = 2 ** depth_halvings(self.level - self.halvings, self.halvings, aniso_level)
         weight = _group_sum_depth(self.weight, depth_stride, mean=True)
+        if x.device.type == "cpu":
+            return unpatchify_conv_transpose3d(x, weight, self.bias, (depth_stride, s, s))
         return F.conv_transpose3d(x, weight, self.bias, stride=(depth_stride, s, s))
