@@ -8,7 +8,9 @@ parameters derive from the batch's global draw key and the seed
 (:func:`batch_seed`), so a resumed run draws the same ones and DDP ranks draw
 different ones. Rotations and flips also update the batch's ``affine`` and
 ``origin``, so an augmented patch still maps each voxel to the world point it
-was sampled from.
+was sampled from, and the boxes of a joint batch (``batch["boxes"]``, a list of
+``(n, 7)`` rows ``[class, z0, y0, x0, z1, y1, x1]``) follow their voxels
+(:mod:`spadkit.data.boxes`).
 
 PUMIT's pretraining augmentation is :meth:`BatchAugment.pumit`. Its zoom is not
 here: zooming out needs voxels outside the crop, so token-grid crops zoom when
@@ -24,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from spadkit.data.boxes import flip_matrix, map_boxes, rotation_matrix
 
 Range = tuple[float, float]
 
@@ -198,6 +202,8 @@ class BatchAugment(torch.nn.Module):
                 image[rows] = image[rows].flip(axis + 2)
                 if "label" in batch:
                     batch["label"][rows] = batch["label"][rows].flip(axis + 2)
+                if "boxes" in batch:
+                    _map_sample_boxes(batch, rows, [flip_matrix(axis, image.shape[axis + 2])] * len(rows))
                 if "affine" in batch:
                     _flip_affines(batch, rows, axis, image.shape[axis + 2])
         self._intensity(image, {k: v.to(image.device) for k, v in params.items() if k not in ("flip", "rotate")})
@@ -276,6 +282,8 @@ def _rotate(batch: dict[str, Any], rows: torch.Tensor, angles: torch.Tensor, iso
     if "label" in batch:
         label = batch["label"]
         label[rows] = sample(label[rows], "nearest").round().to(label.dtype)
+    if "boxes" in batch:
+        _map_sample_boxes(batch, rows, [rotation_matrix(t, shape) for t in transform])
     if "affine" in batch:
         affine = batch["affine"]
         rows_a = rows.to(affine.device)
@@ -288,6 +296,13 @@ def _rotate(batch: dict[str, Any], rows: torch.Tensor, angles: torch.Tensor, iso
         affine[rows_a] = new
         if "origin" in batch:
             batch["origin"][rows_a] = new[:, :3, 3].to(batch["origin"].dtype)
+
+
+def _map_sample_boxes(batch: dict[str, Any], rows: torch.Tensor, matrices: Sequence[torch.Tensor]) -> None:
+    """Map the boxes of the samples ``rows`` by their edge maps (one per row), in place in ``batch["boxes"]``."""
+    shape = batch["image"].shape[2:]
+    for row, matrix in zip(rows.tolist(), matrices):
+        batch["boxes"][row] = map_boxes(batch["boxes"][row], matrix, shape)
 
 
 def _flip_affines(batch: dict[str, Any], rows: torch.Tensor, axis: int, size: int) -> None:

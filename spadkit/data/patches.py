@@ -267,6 +267,20 @@ def overlapping_start(shape: Sequence[int], patch: Sequence[int], annotated: np.
     return tuple(starts)
 
 
+def box_start(shape: Shape3, patch: Shape3, corners: np.ndarray, rng: np.random.Generator) -> Shape3:
+    """A window that overlaps a random box of ``corners`` ``(N, 6)`` (voxel edges ``z0, y0, x0, z1, y1, x1``,
+    half-open): a random voxel of the box (uniform), then as :func:`overlapping_start`.
+
+    Raises:
+        ValueError: ``corners`` is empty.
+    """
+    low, high = _random_row(corners, rng).reshape(2, 3)
+    first = np.clip(np.floor(low), 0, np.asarray(shape) - 1).astype(np.int64)
+    last = np.clip(np.ceil(high) - 1, first, np.asarray(shape) - 1).astype(np.int64)
+    voxel = [int(rng.integers(a, b + 1)) for a, b in zip(first, last)]
+    return overlapping_start(shape, patch, np.asarray([voxel]), rng)
+
+
 def _random_row(coords: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if not len(coords):
         raise ValueError("no annotated voxel to place a patch on")

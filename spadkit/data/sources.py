@@ -41,6 +41,11 @@ class DatasetSource:
         weight: multiplies the dataset's share of visits (``0`` leaves it out).
         cases: only these case ids (a split); default all complete cases.
         label: name of the label map to return with each patch (``None``: images only).
+        boxes: name of the box set to return with each patch (``OMEZarrStore.save_boxes``;
+            ``None``: none). Cases without that set are read without boxes. Needs a stream
+            with ``joint_classes``.
+        classes: name of the image-level class record to return (``OMEZarrStore.save_image_classes``),
+            the same way.
         level: pyramid level to read (0 is full resolution).
         storage_options: fsspec options for a remote store (credentials, endpoint),
             e.g. ``{"anon": True}`` for a public ``s3://`` bucket.
@@ -53,6 +58,8 @@ class DatasetSource:
     label: str | None = None
     level: int = 0
     storage_options: dict[str, Any] | None = None
+    boxes: str | None = None
+    classes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,10 @@ class CaseInfo:
     spacing_assumed: bool = False
     """The reader assumed the pixel size (PNG/JPEG 1 mm, TIFF without resolution), so
     ``spacing`` is in voxels, not measured mm (case attrs ``spacing_assumed``)."""
+    boxes: str | None = None
+    """Name of the box set to read (the case may have none)."""
+    classes: str | None = None
+    """Name of the image-level class record to read (the case may have none)."""
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -167,6 +178,8 @@ def _case_info(store: OMEZarrStore, case_id: str, dataset: str, spec: DatasetSou
         pyramid_factors=tuple(tuple(int(f) for f in level) for level in factors),
         all_chunks_written=bool(attrs.get("all_chunks_written", False)),
         spacing_assumed=bool(attrs.get("spacing_assumed", False)),
+        boxes=spec.boxes,
+        classes=spec.classes,
     )
 
 

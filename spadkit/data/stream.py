@@ -42,13 +42,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from spadkit.data.boxes import crop_matrix, map_boxes
 from spadkit.data.cache import ChunkCache
 from spadkit.data.geometry import margins, patch_affine, resample, zoomed_window
-from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler
+from spadkit.data.levels import BOX_RATIO, CaseAnnotations, read_annotations
+from spadkit.data.patches import LabelSampler, PatchSize, UniformSampler, box_start
 from spadkit.data.patches import coarse_axis_first as coarse_axis_first_of
 from spadkit.data.plan import BatchSpec, EpochPlan, Split, make_plan
 from spadkit.data.reader import (
     INTENSITY_MODES,
+    CaseReader,
     Intensity,
     LabelIndex,
     LabelSelection,
@@ -109,6 +112,11 @@ class PatchStream(IterableDataset):
             the spacing rule expects; ``spacing`` and ``affine`` follow the transposition.
         split: draw only from one part of a fixed validation split of the labelled cases
             (:class:`~spadkit.data.plan.Split`); cases the part leaves empty are left out.
+        joint_classes: ``K``, the number of classes shared by every annotation level
+            (background 0 included), for one-stage joint learning from masks, boxes, image
+            classes and unlabelled cases at once (UniMed). Cases of every level (and of any
+            source) then share batches, and every batch carries all the level keys below, a
+            sample's "unknown" where its case lacks the level. ``None``: as without it.
 
     Each batch is a dict:
 
@@ -136,6 +144,25 @@ class PatchStream(IterableDataset):
       :func:`~spadkit.data.augment.batch_seed`). Lists of B, so MONAI's
       ``decollate_batch`` gives each item its own ints, and not tensors, so Lightning
       leaves them on the host (reading them never waits for the GPU).
+
+    With ``joint_classes=K`` every batch also has, for every sample:
+
+    * ``label`` and ``annotated`` as above, label 0 and ``annotated`` all False where the
+      case has no label map (or its source no ``label``);
+    * ``boxes``: a list of B float32 tensors ``(n, 7)`` ``[class, z0, y0, x0, z1, y1, x1]``,
+      the case's boxes (``DatasetSource(boxes=...)``) in the delivered patch's voxel edges,
+      after zoom, transposition (and :class:`~spadkit.data.BatchAugment`'s flips and
+      rotations), clipped to the patch; boxes that miss it are dropped (:mod:`.boxes`);
+    * ``box_known`` ``(B, K)`` bool: the case's box set is exhaustive for class k, so a
+      voxel outside its boxes of class k is known not to be k;
+    * ``image_classes`` ``(B, K)`` int8: 1 known present in the case, 0 known absent,
+      -1 unknown (``DatasetSource(classes=...)``); case-level, not patch-level;
+    * ``stream["levels"]``: list of B tuples, each sample's annotation levels (a subset of
+      :data:`~spadkit.io.annotations.LEVELS`; ``()`` for an unlabelled case).
+
+    A patch of a case with boxes overlaps one of them with probability
+    :data:`~spadkit.data.levels.BOX_RATIO` (else the sampler places it; a
+    :class:`LabelSampler` applies to the cases with a label map, the others are uniform).
     """
 
     def __init__(
@@ -159,6 +186,7 @@ class PatchStream(IterableDataset):
         fixed_epoch: int | None = None,
         coarse_axis_first: bool = True,
         split: Split | None = None,
+        joint_classes: int | None = None,
     ):
         super().__init__()
         if not sources:
@@ -168,7 +196,12 @@ class PatchStream(IterableDataset):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if intensity not in INTENSITY_MODES:
             raise ValueError(f"intensity must be one of {INTENSITY_MODES}, not {intensity!r}")
+        if joint_classes is not None and (isinstance(joint_classes, bool) or int(joint_classes) != joint_classes or joint_classes < 2):
+            raise ValueError(f"joint_classes is the number of classes including background 0 (>= 2), got {joint_classes!r}")
         self.sources = [s if isinstance(s, DatasetSource) else DatasetSource(store=s) for s in sources]
+        if joint_classes is None and any(s.boxes is not None or s.classes is not None for s in self.sources):
+            raise ValueError("boxes=... and classes=... on a DatasetSource need PatchStream(joint_classes=K), the number of joint classes")
+        self.joint_classes = None if joint_classes is None else int(joint_classes)
         self.patch_size = patch_size if isinstance(patch_size, PatchSize) else PatchSize(voxels=patch_size)
         self.batch_size = int(batch_size)
         self.sampler = sampler or UniformSampler()
@@ -180,12 +213,14 @@ class PatchStream(IterableDataset):
         self.intensity = intensity
         self.interleave = int(interleave)
         self.cases: list[list[CaseInfo]] = [index_source(s) for s in self.sources]
-        if self.sampler.needs_labels and any(s.label is None for s in self.sources):
+        if self.sampler.needs_labels and self.joint_classes is None and any(s.label is None for s in self.sources):
             raise ValueError("LabelSampler needs label=... on every DatasetSource (which label map to use)")
         if split is not None and any(s.label is None for s in self.sources):
             raise ValueError("a validation split needs label=... on every DatasetSource (it splits labelled cases or slices)")
         self.split = split
         self.selections = self._select_labels()
+        #: Per dataset, per case: its pinned boxes and image classes (with ``joint_classes`` only).
+        self.annotations: list[list[CaseAnnotations]] | None = None if self.joint_classes is None else self._read_annotations()
         self.shares = dataset_probabilities([len(c) for c in self.cases], mixing, [s.weight for s in self.sources])
         self.visits_per_epoch = int(visits_per_epoch or sum(len(c) for c in self.cases))
         self.axes = [[coarse_axis_first_of(c.spacing, c.spatial_shape) if coarse_axis_first else (0, 1, 2) for c in cases] for cases in self.cases]
@@ -199,8 +234,9 @@ class PatchStream(IterableDataset):
         ]
         #: Cases share a batch only with equal keys: channels, anisotropy level, patch shape, whether
         #: labels are read (two shapes can be equal at two levels: 2.5 mm slices at 0.62 and 0.65 mm pixels).
+        #: With joint_classes every batch carries every level, so labelled and unlabelled cases mix.
         self.batch_keys = [
-            [(case.shape[0], level, *shape, case.label is not None) for case, level, shape in zip(cases, levels, shapes)]
+            [(case.shape[0], level, *shape, case.label is not None or self.joint_classes is not None) for case, level, shape in zip(cases, levels, shapes)]
             for cases, levels, shapes in zip(self.cases, self.levels, self.patch_shapes)
         ]
         _warn_assumed_spacing(self.cases, self.patch_size)
@@ -279,6 +315,8 @@ class PatchStream(IterableDataset):
             self.intensity,
             repr(self.split),
         )
+        if self.joint_classes is not None:  # appended only here, so streams without it keep their digests
+            parts += (self.joint_classes, [(c.boxes, c.classes) for cases in self.cases for c in cases])
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -364,7 +402,8 @@ class PatchStream(IterableDataset):
         shape = self.patch_shapes[spec.cases[0][0]][spec.cases[0][1]]
         level = self.levels[spec.cases[0][0]][spec.cases[0][1]]
         image = torch.empty((len(cases), cases[0].shape[0], *shape), dtype=torch.float32)
-        label = torch.empty((len(cases), 1, *shape), dtype=torch.int64) if cases[0].label is not None else None
+        joint = self.joint_classes is not None
+        label = torch.empty((len(cases), 1, *shape), dtype=torch.int64) if cases[0].label is not None or joint else None
         annotated = torch.empty((len(cases), 1, *shape), dtype=torch.bool) if label is not None else None
         starts = np.empty((len(cases), 3), dtype=np.int64)
         zooms = np.ones((len(cases), 3), dtype=np.float64)
@@ -374,11 +413,12 @@ class PatchStream(IterableDataset):
             rng = np.random.default_rng([self.seed, epoch, spec.group, spec.step, slot])
             window = self._zoomed_window(case, axes[slot], shape, level, rng)
             zooms[slot] = [w / n for w, n in zip(window, shape)]
-            index = reader.label_index() if self.sampler.needs_labels or reader.partial else None
-            locations, known = (None, None) if index is None else (index.classes, index.annotated)
-            starts[slot] = self.sampler.start(case.spatial_shape, _unpermuted(window, axes[slot]), rng, locations, known)
+            notes = self.annotations[d][c] if joint else None
+            starts[slot] = self._start(case, reader, notes, _unpermuted(window, axes[slot]), rng)
             _read_zoomed(reader.read_image, starts[slot], image[slot], axes[slot], window)
-            if label is not None:
+            if label is not None and reader.label is None:  # a joint batch: this case has no label map
+                label[slot], annotated[slot] = 0, False
+            elif label is not None:
                 _read_zoomed(reader.read_label, starts[slot], label[slot], axes[slot], window, labels=True)
                 _read_zoomed(reader.read_annotated, starts[slot], annotated[slot], axes[slot], window, labels=True)
         affines = np.stack([patch_affine(case.affine, start, a, z) for case, start, a, z in zip(cases, starts, axes, zooms)])
@@ -399,7 +439,36 @@ class PatchStream(IterableDataset):
         }
         if label is not None:
             batch["label"], batch["annotated"] = label, annotated
+        if joint:
+            notes = [self.annotations[d][c] for d, c in spec.cases]
+            batch.update(self._joint_entries(notes, starts, axes, zooms, shape))
+            batch["stream"]["levels"] = [n.levels for n in notes]
         return batch
+
+    def _start(self, case: CaseInfo, reader: CaseReader, notes: CaseAnnotations | None, window: Sequence[int], rng: np.random.Generator) -> tuple[int, int, int]:
+        """The stored start of a patch: on one of the case's boxes with probability :data:`BOX_RATIO`, else the sampler's."""
+        if notes is not None and notes.rows is not None and len(notes.rows) and rng.random() < BOX_RATIO:
+            return box_start(case.spatial_shape, window, notes.rows[:, 1:], rng)
+        index = reader.label_index() if reader.label is not None and (self.sampler.needs_labels or reader.partial) else None
+        locations, known = (None, None) if index is None else (index.classes, index.annotated)
+        return self.sampler.start(case.spatial_shape, window, rng, locations, known)
+
+    def _joint_entries(self, notes: Sequence[CaseAnnotations], starts: np.ndarray, axes: Sequence[Sequence[int]], zooms: np.ndarray, shape: Sequence[int]) -> dict[str, Any]:
+        """``boxes``, ``box_known`` and ``image_classes`` of a batch (see the class docstring)."""
+        k = self.joint_classes
+        return {
+            "boxes": [
+                torch.zeros((0, 7)) if n.rows is None else map_boxes(torch.from_numpy(n.rows), crop_matrix(s, a, z), shape)
+                for n, s, a, z in zip(notes, starts, axes, zooms)
+            ],
+            "box_known": torch.from_numpy(np.stack([n.box_known(k) for n in notes])),
+            "image_classes": torch.from_numpy(np.stack([n.image_classes(k) for n in notes])),
+        }
+
+    def _read_annotations(self) -> list[list[CaseAnnotations]]:
+        """Pin every case's box set and image classes (read once, so a save while training changes nothing)."""
+        pool = ReaderPool(ChunkCache(0), self.intensity)
+        return [[read_annotations(pool.store(c), c, self.joint_classes) for c in cases] for cases in self.cases]
 
     # ------------------------------------------------------------------ labels
     def _select_labels(self) -> list[list[LabelSelection | None]]:
