@@ -157,7 +157,7 @@ class PatchStream(IterableDataset):
       voxel outside its boxes of class k is known not to be k;
     * ``image_classes`` ``(B, K)`` int8: 1 known present in the case, 0 known absent,
       -1 unknown (``DatasetSource(classes=...)``); case-level, not patch-level;
-    * ``stream["levels"]``: list of B tuples, each sample's annotation levels (a subset of
+    * ``levels``: list of B tuples, each sample's annotation levels (a subset of
       :data:`~spadkit.io.annotations.LEVELS`; ``()`` for an unlabelled case).
 
     A patch of a case with boxes overlaps one of them with probability
@@ -441,8 +441,7 @@ class PatchStream(IterableDataset):
             batch["label"], batch["annotated"] = label, annotated
         if joint:
             notes = [self.annotations[d][c] for d, c in spec.cases]
-            batch.update(self._joint_entries(notes, starts, axes, zooms, shape))
-            batch["stream"]["levels"] = [n.levels for n in notes]
+            batch.update(self._joint_entries(notes, starts, axes, zooms, shape), levels=[n.levels for n in notes])
         return batch
 
     def _start(self, case: CaseInfo, reader: CaseReader, notes: CaseAnnotations | None, window: Sequence[int], rng: np.random.Generator) -> tuple[int, int, int]:

@@ -80,10 +80,10 @@ def test_a_batch_mixes_every_level_and_store_with_each_samples_unknowns(stores):
         assert batch["annotated"].shape == (b, 1, 24, 24, 24) and batch["annotated"].dtype == torch.bool
         assert batch["box_known"].shape == (b, K) and batch["box_known"].dtype == torch.bool
         assert batch["image_classes"].shape == (b, K) and batch["image_classes"].dtype == torch.int8
-        assert len(batch["boxes"]) == len(batch["stream"]["levels"]) == b
+        assert len(batch["boxes"]) == len(batch["levels"]) == b
         for i, case in enumerate(batch["case_id"]):
             seen.add(case)
-            boxes, known, classes, levels = batch["boxes"][i], batch["box_known"][i], batch["image_classes"][i], batch["stream"]["levels"][i]
+            boxes, known, classes, levels = batch["boxes"][i], batch["box_known"][i], batch["image_classes"][i], batch["levels"][i]
             assert boxes.dtype == torch.float32 and boxes.shape[1:] == (7,)
             annotated = batch["annotated"][i]
             expected = {"m0": ("mask",), "b0": ("box",), "c0": ("class",), "u0": ()}[case]
@@ -122,7 +122,7 @@ def test_boxes_follow_zoom_and_transposition(stores, patch):
     checked = 0
     for batch in stream:
         for i, case in enumerate(batch["case_id"]):
-            assert batch["stream"]["levels"][i] == ("mask", "box")
+            assert batch["levels"][i] == ("mask", "box")
             assert batch["axes"][i].tolist() == ([2, 0, 1] if case == "t0" else [0, 1, 2])
             label = batch["label"][i, 0].numpy()
             shares = _inside(label, batch["boxes"][i], tolerance=0.5 if patch.tokens else 0.0)
@@ -188,7 +188,7 @@ def test_without_joint_classes_streams_are_unchanged(stores):
     plain = PatchStream([DatasetSource(stores["mask"], label="seg")], 24, batch_size=1, samples_per_case=2, num_threads=0, rank=0, world_size=1)
     joint = PatchStream([DatasetSource(stores["mask"], label="seg")], 24, batch_size=1, samples_per_case=2, num_threads=0, rank=0, world_size=1, joint_classes=K)
     for a, b in zip(plain, joint):
-        assert not {"boxes", "box_known", "image_classes"} & a.keys() and "levels" not in a["stream"]
+        assert not {"boxes", "box_known", "image_classes"} & a.keys() and "levels" not in a
         for key in ("image", "label", "annotated", "start", "affine"):
             assert torch.equal(a[key], b[key]), key
     with pytest.raises(ValueError, match="joint_classes"):
