@@ -270,14 +270,6 @@ def finetune_timings(store: OMEZarrStore, case: Case, model: torch.nn.Module, ar
 
 
 # ---------------------------------------------------------------------- GUI stall in a real napari viewer
-def paint_slice(layer: Any, axis: int, index: int, truth: np.ndarray) -> None:
-    """Set the slice of a labels layer to the truth as napari's fill/paint tools do (``data_setitem``: undo history, refresh)."""
-    plane = np.take(truth, index, axis=axis)
-    where = [i.ravel() for i in np.indices(plane.shape)]
-    where.insert(axis, np.full(plane.size, index))
-    layer.data_setitem(tuple(where), plane.ravel())
-
-
 def gui_stall(store: OMEZarrStore, case: Case, model_name: str, rounds: int) -> dict[str, Any]:
     """Longest GUI-thread stall (ms) of a shown napari viewer while the plugin's annotation widget learns.
 
@@ -290,7 +282,7 @@ def gui_stall(store: OMEZarrStore, case: Case, model_name: str, rounds: int) -> 
         return {"max_ms": None, "reason": "no display: run under xvfb-run -a -s '-screen 0 1280x1024x24'"}
     import napari
     from qtpy.QtWidgets import QApplication
-    from spadkit_napari._annotation import slice_on_screen
+    from spadkit_napari._annotation import slice_on_screen, write_slice
     from spadkit_napari._stall import StallProbe
 
     viewer = napari.Viewer(show=True)
@@ -319,7 +311,7 @@ def gui_stall(store: OMEZarrStore, case: Case, model_name: str, rounds: int) -> 
         press(widget.next_button)
         labels = widget.layers["labels"]
         axis, index = slice_on_screen(viewer, labels)
-        paint_slice(labels, axis, index, case.truth)
+        write_slice(labels, axis, index, np.take(case.truth, index, axis=axis))
         with StallProbe(interval_ms=10) as learning:
             seconds = press(widget.learn_button)
         with StallProbe(interval_ms=10) as idle:

@@ -18,26 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _mni_store import CASE, mni_store
 
 from spadkit.active import AnnotationSession
-from spadkit.demo import nilearn_file
-from spadkit.ingest import intensity_stats
-from spadkit.io import read_volume
 from spadkit.io.omezarr import OMEZarrStore
 from spadkit.models import create_model
 from spadkit.volume import LabelVolume, Volume
 
 
 def loop_timings(model_name: str, rounds: int, root: Path) -> dict:
-    volume = read_volume(nilearn_file("t1"))
-    gm = read_volume(nilearn_file("gm")).numpy()[0]
-    truth = (gm / gm.max() > 0.5).astype(np.int32)
-    store = OMEZarrStore(str(root / "mni.zarr"), mode="a")
-    store.write_case("mni", volume, attrs={"intensity": intensity_stats(volume)})
+    store, truth = mni_store(root)
     torch.manual_seed(0)
     model = create_model(model_name)
-    first = AnnotationSession(store, "mni", model, "seg")
-    cached = AnnotationSession(store, "mni", model, "seg")
+    first = AnnotationSession(store, CASE, model, "seg")
+    cached = AnnotationSession(store, CASE, model, "seg")
     session, rows = cached, []
     for _ in range(rounds):
         hint = session.suggest_next()

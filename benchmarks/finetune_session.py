@@ -24,12 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _mni_store import CASE, mni_store
 
 from spadkit.active import AnnotationSession
-from spadkit.demo import nilearn_file
-from spadkit.ingest import intensity_stats
-from spadkit.io import read_volume
-from spadkit.io.omezarr import OMEZarrStore
 from spadkit.models import create_model
 
 
@@ -43,13 +40,9 @@ def correct(session: AnnotationSession, truth: np.ndarray, rounds: int) -> list[
 
 
 def run(model_name: str, steps: int, rounds: int, after: int, root: Path) -> dict:
-    volume = read_volume(nilearn_file("t1"))
-    gm = read_volume(nilearn_file("gm")).numpy()[0]
-    truth = (gm / gm.max() > 0.5).astype(np.int32)
-    store = OMEZarrStore(str(root / "mni.zarr"), mode="a")
-    store.write_case("mni", volume, attrs={"intensity": intensity_stats(volume)})
+    store, truth = mni_store(root)
     torch.manual_seed(0)
-    session = AnnotationSession(store, "mni", create_model(model_name), "seg")
+    session = AnnotationSession(store, CASE, create_model(model_name), "seg")
     before_refresh = correct(session, truth, rounds)
     t = time.perf_counter()
     job = session.start_finetune(max_steps=steps, score_network=True)

@@ -284,6 +284,13 @@ class AnnotationWidget(Container):
         self.shown.review(self.session)
         return prediction
 
+    def _fold_round(self, result: Round) -> Round:
+        """Fold a round's prediction (if it has one) and the reviewed region into the shown arrays, in the worker."""
+        if result.prediction is not None:
+            self.shown.update(result.prediction)
+        self.shown.review(self.session)
+        return result
+
     @_reported
     def _predict(self) -> None:
         region = None if self.region.value == WHOLE_VOLUME else slice_region(*slice_on_screen(self.viewer, self.layers["labels"]))
@@ -306,20 +313,13 @@ class AnnotationWidget(Container):
         axis, index = slice_on_screen(self.viewer, layer)
         mask = np.take(np.asarray(layer.data), index, axis=axis)
 
-        def work() -> Round:
-            result = self.session.submit_correction(axis, index, mask)
-            if result.prediction is not None:
-                self.shown.update(result.prediction)
-            self.shown.review(self.session)
-            return result
-
         def done(result: Round) -> None:
             self._refresh()
             self.status.value = f"Learned {AXIS_NAMES[axis]} slice {index}: {_round_text(result)}"
             if self.finetune.value and self.job is None:
                 self._start_finetune(self.status.value)
 
-        self._run(f"learning from {AXIS_NAMES[axis]} slice {index}", work, done)
+        self._run(f"learning from {AXIS_NAMES[axis]} slice {index}", lambda: self._fold_round(self.session.submit_correction(axis, index, mask)), done)
 
     @_reported
     def _next_slice(self) -> None:
@@ -344,18 +344,11 @@ class AnnotationWidget(Container):
         self._restore("redo")
 
     def _restore(self, op: str) -> None:
-        def work() -> Round:
-            result = getattr(self.session, op)()
-            if result.prediction is not None:
-                self.shown.update(result.prediction)
-            self.shown.review(self.session)
-            return result
-
         def done(result: Round) -> None:
             self._refresh()
             self.status.value = f"{op.capitalize()}: {_round_text(result)}"
 
-        self._run(f"{op}ing", work, done)
+        self._run(f"{op}ing", lambda: self._fold_round(getattr(self.session, op)()), done)
 
     # ------------------------------------------------------------------ full fine-tune (separate process)
     def _start_finetune(self, learned: str) -> None:

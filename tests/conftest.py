@@ -29,6 +29,23 @@ def mni_gm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mni_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """The MNI152 T1 at 2 mm, (95, 117, 99), in a store with the tiny model's features cached; and its (Z, Y, X)
+    gray-matter truth. Shared by the loop's and the napari widget's tests: give each session a label map of its own."""
+    from tests.mni_session import make_store  # torch and the loop: only for the tests that use them
+
+    return make_store(tmp_path_factory.mktemp("mni2mm") / "s.zarr", 2)
+
+
+@pytest.fixture(scope="session")
+def mni_store_full(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """The MNI152 T1 at its own 1 mm, (189, 233, 197), likewise, for the slow loop tests."""
+    from tests.mni_session import make_store
+
+    return make_store(tmp_path_factory.mktemp("mni1mm") / "s.zarr", 1)
+
+
+@pytest.fixture(scope="session")
 def nibabel_data() -> Path:
     return NIBABEL_DATA
 

@@ -28,10 +28,13 @@ from torch import nn
 from spadkit.atomic import atomic_path
 from spadkit.errors import SpadkitError
 from spadkit.models.light_head import VoxelFeatures, extract_features
+from spadkit.normalise import NormalisedArray, is_signed, percentile_windows
 
 #: Default extraction settings of the session (token PCA components, tokens per backbone forward).
 COMPONENTS = 32
 MAX_TOKENS = 4096
+#: Z slices normalised at a time by :func:`normalised_image`.
+_SLAB = 32
 
 
 def model_hash(model: nn.Module) -> str:
@@ -72,24 +75,29 @@ def feature_path(store: Any, case_id: str, model_digest: str) -> Path:
 def normalised_image(store: Any, case_id: str, model: nn.Module) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The case image ``(C, Z, Y, X)`` float32 scaled as the model was pretrained, and its spacing (mm).
 
-    Uses the store's foreground ("body") 0.5/99.5 percentiles of each channel (all-voxel ones for
-    old stores): clip, then map to [0, 1], or to [-1, 1] when ``pretrained_cfg.intensity`` says so.
+    The rule of :mod:`spadkit.normalise` with the store's foreground ("body") 0.5/99.5 percentiles
+    of each channel; a channel without recorded statistics (a case written by ``write_case``
+    without ``attrs``, an old store) uses the 0.5/99.5 percentiles of all its voxels.
     """
     image = store.read_image(case_id)
+    raw = image.numpy()
     stats = store.case_attrs(case_id).get("intensity") or []
-    data = image.numpy().astype(np.float32)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(getattr(model, "backbone", None), "pretrained_cfg", None)
-    signed = cfg is not None and "[-1, 1]" in str(getattr(cfg, "intensity", ""))
-    for c in range(data.shape[0]):
-        entry = stats[c] if c < len(stats) else {}
-        body = entry.get("body") or entry
-        lo, hi = body.get("p0.5"), body.get("p99.5")
-        if lo is None or hi is None:
-            lo, hi = np.percentile(data[c], [0.5, 99.5])
-        data[c] = np.clip((data[c] - lo) / max(float(hi) - float(lo), 1e-12), 0.0, 1.0)
-    if signed:
-        data = data * 2.0 - 1.0
+    windows = [_window(stats[c] if c < len(stats) else {}, raw[c]) for c in range(raw.shape[0])]
+    view = NormalisedArray(raw, windows, signed=is_signed(model))
+    data = np.empty(view.shape, np.float32)
+    # Slab by slab: the peak memory is one float copy of the image, not three.
+    for z in range(0, data.shape[1], _SLAB):
+        data[:, z : z + _SLAB] = view[:, z : z + _SLAB]
     return data, tuple(float(s) for s in image.spacing)
+
+
+def _window(entry: dict[str, Any], channel: np.ndarray) -> tuple[float, float]:
+    """``(p0.5, p99.5)`` of one channel: its recorded statistics, else computed from ``channel`` ``(Z, Y, X)``."""
+    try:
+        return percentile_windows([entry])[0]
+    except SpadkitError:  # no statistics recorded for this channel
+        lo, hi = np.percentile(channel, [0.5, 99.5])
+        return float(lo), float(hi)
 
 
 def load_or_extract(store: Any, case_id: str, model: nn.Module, image: np.ndarray, spacing: tuple[float, float, float], digest: str) -> tuple[VoxelFeatures, bool]:

@@ -9,7 +9,7 @@ import pytest
 
 from spadkit.active import AnnotationSession
 from spadkit.cli import main
-from tests.active.conftest import CASE, tiny_model
+from tests.mni_session import CASE, tiny_model
 
 
 def run(capsys, *argv: str) -> tuple[int, object, str]:

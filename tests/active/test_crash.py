@@ -17,7 +17,8 @@ import pytest
 from spadkit.active import AnnotationSession, finetune
 from spadkit.active.history import decode, region_mask
 from spadkit.io.omezarr import OMEZarrStore
-from tests.active.conftest import CASE, tiny_model, truth_slice
+from tests.active.conftest import truth_slice
+from tests.mni_session import CASE, tiny_model
 
 TRIALS = 20
 #: Slices corrected in turn (x=50 is the 3rd distinct one, hence validation).

@@ -14,8 +14,9 @@ import pytest
 
 from spadkit.active import AnnotationSession
 from spadkit.active import finetune_worker as worker
-from tests.active.conftest import CASE, tiny_model, truth_slice
+from tests.active.conftest import truth_slice
 from tests.active.test_crash import SLICES, TRIALS
+from tests.mni_session import CASE, tiny_model
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ from spadkit.active.history import region_mask
 from spadkit.errors import SpadkitError, StoreError
 from spadkit.io.omezarr import OMEZarrStore
 from spadkit.models import create_model
-from tests.active.conftest import CASE, tiny_model, truth_slice
+from tests.active.conftest import truth_slice
+from tests.mni_session import CASE, tiny_model
 
 #: Three corrections: two train, the third validation (split_of); a fourth trains again.
 PLAN = [(0, 40), (1, 55), (2, 50), (0, 60)]

@@ -16,7 +16,8 @@ import torch
 from spadkit.active import AnnotationSession, dice
 from spadkit.active import features_cache as cache
 from spadkit.active.suggest import strided_grid
-from tests.active.conftest import CASE, tiny_model, truth_slice
+from tests.active.conftest import truth_slice
+from tests.mni_session import CASE, tiny_model
 
 #: Held-out Dice after ROUNDS suggested slices must beat the one after the first slice by this much.
 ROUNDS = 6
@@ -58,7 +59,7 @@ CHILD = textwrap.dedent(
     import spadkit.io.omezarr as omezarr
     from spadkit.active import AnnotationSession
     from spadkit.io.omezarr import OMEZarrStore
-    from tests.active.conftest import tiny_model
+    from tests.mni_session import tiny_model
 
     url, name, slices_file, when = sys.argv[1:5]
     slices = np.load(slices_file)

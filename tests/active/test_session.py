@@ -16,7 +16,8 @@ from spadkit.errors import SpadkitError, StoreError
 from spadkit.io.omezarr import OMEZarrStore
 from spadkit.models import create_model
 from spadkit.volume import LabelVolume
-from tests.active.conftest import CASE, tiny_model, truth_slice
+from tests.active.conftest import truth_slice
+from tests.mni_session import CASE, tiny_model
 
 SHAPE = Z, Y, X = (95, 117, 99)  # the MNI152 T1 at 2 mm
 

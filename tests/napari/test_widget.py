@@ -1,7 +1,7 @@
 """The annotation dock widget in a real viewer: buttons pressed with qtbot, layers, dims and the store checked.
 
 The case is nilearn's MNI152 T1 at 2 mm (95, 117, 99) in a tmp store with the tiny model's
-features cached (tests/active's ``make_store``); the annotator's truth is its gray matter
+features cached (the session's ``mni_store``, shared with tests/active); the annotator's truth is its gray matter
 (probability > 0.5). A correction is written into the session's labels layer with
 ``Labels.data_setitem`` (:func:`~spadkit_napari._annotation.write_slice`), the call napari's
 paint and fill tools make.
@@ -26,7 +26,7 @@ from spadkit_napari._widgets import AnnotationWidget
 
 from spadkit.active.history import decode
 from spadkit.io import OMEZarrStore
-from tests.active.conftest import CASE, make_store
+from tests.mni_session import CASE
 from tests.napari.conftest import save_screenshot
 
 pytestmark = pytest.mark.gui
@@ -35,11 +35,6 @@ pytestmark = pytest.mark.gui
 #: load (README, napari section): 66-350 ms, a single redraw of the window (Mesa, Xvfb) 100-130 ms;
 #: the same submission run in the GUI thread stalls for all of its 0.6-3 s.
 STALL_BOUND_MS = 500
-
-
-@pytest.fixture(scope="module")
-def mni(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    return make_store(tmp_path_factory.mktemp("widget") / "mni.zarr", 2)
 
 
 def click(qtbot, widget: AnnotationWidget, button, timeout_ms: int = 60_000) -> None:
@@ -63,8 +58,8 @@ def correct(layer: Labels, axis: int, index: int, truth: np.ndarray) -> None:
     write_slice(layer, axis, index, np.take(truth, index, axis=axis))
 
 
-def test_learn_submits_the_slice_on_screen_and_the_viewer_keeps_responding(make_napari_viewer, qtbot, mni):
-    store_path, truth = mni
+def test_learn_submits_the_slice_on_screen_and_the_viewer_keeps_responding(make_napari_viewer, qtbot, mni_store):
+    store_path, truth = mni_store
     viewer = make_napari_viewer(show=True)
     widget = open_widget(viewer, qtbot, store_path, "learn")
     store = OMEZarrStore(str(store_path))
@@ -125,8 +120,8 @@ def test_a_stall_probe_sees_a_blocked_event_loop_and_not_an_idle_one(qtbot):
     assert len(idle.gaps_ms) > 10 and blocked.stalls(250) == 1
 
 
-def test_next_slice_moves_the_viewer_and_undo_redo_and_resume_follow_the_store(make_napari_viewer, qtbot, mni):
-    store_path, truth = mni
+def test_next_slice_moves_the_viewer_and_undo_redo_and_resume_follow_the_store(make_napari_viewer, qtbot, mni_store):
+    store_path, truth = mni_store
     viewer = make_napari_viewer(show=True)
     widget = open_widget(viewer, qtbot, store_path, "next")
     labels = widget.layers["labels"]
@@ -160,8 +155,8 @@ def test_next_slice_moves_the_viewer_and_undo_redo_and_resume_follow_the_store(m
     np.testing.assert_array_equal(resumed.layers["labels"].data[47], truth[47])
 
 
-def test_a_labels_layer_off_the_grid_or_a_3d_view_is_refused_and_nothing_is_saved(make_napari_viewer, qtbot, mni):
-    store_path, truth = mni
+def test_a_labels_layer_off_the_grid_or_a_3d_view_is_refused_and_nothing_is_saved(make_napari_viewer, qtbot, mni_store):
+    store_path, truth = mni_store
     viewer = make_napari_viewer(show=True)
     viewer.open(str(store_path / CASE), plugin="spadkit")
     _, widget = viewer.window.add_plugin_dock_widget("spadkit", "Annotate")
@@ -187,8 +182,8 @@ def test_a_labels_layer_off_the_grid_or_a_3d_view_is_refused_and_nothing_is_save
 
 
 @pytest.mark.slow  # two fine-tune processes (forkserver start, torch import, a few UNETR steps): ~1 min on 2 busy cores
-def test_learn_then_fine_tunes_in_another_process_with_progress_and_cancel(make_napari_viewer, qtbot, mni):
-    store_path, truth = mni
+def test_learn_then_fine_tunes_in_another_process_with_progress_and_cancel(make_napari_viewer, qtbot, mni_store):
+    store_path, truth = mni_store
     viewer = make_napari_viewer(show=True)
     widget = open_widget(viewer, qtbot, store_path, "full")
     labels = widget.layers["labels"]
@@ -222,8 +217,8 @@ def test_learn_then_fine_tunes_in_another_process_with_progress_and_cancel(make_
 
 
 @pytest.mark.slow  # the MNI152 at 1 mm: store, features and four rounds, ~1 min on 2 busy cores
-def test_screenshot_of_the_widget_with_a_prediction_and_its_uncertainty(make_napari_viewer, qtbot, tmp_path, artifacts):
-    store_path, truth = make_store(tmp_path / "mni1.zarr", 1)
+def test_screenshot_of_the_widget_with_a_prediction_and_its_uncertainty(make_napari_viewer, qtbot, mni_store_full, artifacts):
+    store_path, truth = mni_store_full
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1280, 1000)
     widget = open_widget(viewer, qtbot, store_path, "seg")

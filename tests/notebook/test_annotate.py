@@ -16,7 +16,7 @@ from spadkit.io.omezarr import OMEZarrStore
 from spadkit.notebook import Annotator
 from spadkit.notebook.tutorial import CASE, mni152_gray_matter, mni152_store
 from spadkit.volume import Volume
-from tests.active.conftest import tiny_model
+from tests.mni_session import tiny_model
 
 SHAPE = Z, Y, X = (95, 117, 99)  # the MNI152 T1 at 2 mm
 

@@ -12,6 +12,7 @@ from torch import nn
 from spadkit.models import PatchDiscriminator, create_model
 from spadkit.models.tokenizer import code_entropies, sample_slices, tokenizer_losses
 from spadkit.tasks import TokenizerPretrain
+from tests.tasks.gloo_ranks import codebook_usage_on_rank
 from tests.tasks.helpers import evaluate, fit
 
 SMALL_DISC = (16, 32, 64)  # PUMIT's discriminator (128, 256, 512) is ~100x the compute: too slow for tests on CPU
@@ -149,25 +150,6 @@ def test_perceptual_hook_gets_slices_and_stays_out_of_checkpoints(batches, tmp_p
     torch.testing.assert_close(restored.tokenizer.state_dict(), module.tokenizer.state_dict())
 
 
-def _gloo_rank(rank: int, world: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        logits = torch.full((1, 4, 2, 1, 1), -10.0)
-        logits[:, rank] = 10.0  # rank r's tokens all pick code r
-
-        def gather(local: torch.Tensor) -> torch.Tensor:
-            parts = [torch.empty_like(local) for _ in range(world)]
-            dist.all_gather(parts, local.contiguous())
-            return torch.stack(parts)
-
-        usage, _ = code_entropies(logits, gather)
-        results[rank] = float(usage)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_codebook_usage_gathers_across_two_gloo_ranks():
     import socket
@@ -178,6 +160,6 @@ def test_codebook_usage_gathers_across_two_gloo_ranks():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_gloo_rank, args=(2, port, results), nprocs=2, join=True)
+    mp.spawn(codebook_usage_on_rank, args=(2, port, results), nprocs=2, join=True)
     # each rank alone uses one code (usage ~0); over the global batch two codes are used: ln 2
     assert results[0] == pytest.approx(math.log(2), abs=1e-3) and results[1] == pytest.approx(math.log(2), abs=1e-3)
