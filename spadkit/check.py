@@ -6,6 +6,8 @@ For each case folder the check reports the first problem it finds:
 * it has no completion marker (an interrupted write, redone by any ingest re-run);
 * its attributes lack what readers need, or an array of the image pyramid or of
   a label version is missing or has the wrong shape;
+* a version of a box set or image-class record cannot be read, or holds boxes that
+  are empty or reach outside the image, or classes that are not whole numbers >= 1;
 * (``deep``, the default) a chunk file is missing (cases written with every chunk)
   or cannot be decoded: every chunk of every array is read once.
 """
@@ -19,7 +21,8 @@ import numpy as np
 import zarr
 
 from spadkit.errors import SpadkitError
-from spadkit.io.omezarr import OMEZarrStore
+from spadkit.io.annotations import check_boxes, check_image_classes
+from spadkit.io.omezarr import BOXES, CLASSES, OMEZarrStore
 
 #: Case attributes every reader relies on.
 REQUIRED_ATTRS = ("affine", "shape_czyx", "spacing_zyx_mm", "pyramid_factors_zyx")
@@ -65,6 +68,22 @@ def _arrays(store: OMEZarrStore, case_id: str, attrs: dict[str, Any]) -> list[tu
     return arrays
 
 
+def _check_annotations(store: OMEZarrStore, case_id: str, shape_zyx: list[int]) -> None:
+    """Read every version of the case's box sets and image-class records and check them as a save would.
+
+    Raises:
+        StoreError: naming the record and version.
+    """
+    for name in store.box_sets(case_id):
+        for entry in store.record_versions(case_id, BOXES, name):
+            boxes = store.read_boxes(case_id, name, entry["version"])
+            check_boxes(boxes.corners, boxes.classes, shape_zyx, f"{store.url.rstrip('/')}/{case_id}/{BOXES}/{name} version {entry['version']}")
+    for name in store.image_class_sets(case_id):
+        for entry in store.record_versions(case_id, CLASSES, name):
+            known = store.read_image_classes(case_id, name, entry["version"])
+            check_image_classes(known.present, known.absent, f"{store.url.rstrip('/')}/{case_id}/{CLASSES}/{name} version {entry['version']}")
+
+
 def _read_every_chunk(array: zarr.Array) -> None:
     """Decode every chunk of a ``(C, Z, Y, X)`` or ``(Z, Y, X)`` array once, a row of storage objects
     (chunks or shards) along Z at a time."""
@@ -88,6 +107,7 @@ def check_case(store: OMEZarrStore, case_id: str, *, deep: bool = True) -> str |
         if missing:
             return f"its attributes lack {', '.join(missing)}"
         arrays = _arrays(store, case_id, attrs)
+        _check_annotations(store, case_id, attrs["shape_czyx"][1:])
         if tuple(arrays[0][1].shape) != tuple(attrs["shape_czyx"]):
             return f"image level 0 has shape {tuple(arrays[0][1].shape)}, its attributes say {tuple(attrs['shape_czyx'])}"
         for what, array in arrays:

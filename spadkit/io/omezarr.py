@@ -666,10 +666,13 @@ class OMEZarrStore:
         if entry is None:
             return None
         record = self._case(case_id)[f"{BOXES}/{name}"]
+        where = f"{self.url.rstrip('/')}/{record.path}"
         try:
-            rows = np.asarray(record[entry["path"]][...], dtype=np.float64).reshape(-1, 7)
+            rows = np.asarray(record[entry["path"]][...], dtype=np.float64)
         except (KeyError, FileNotFoundError):
-            raise StoreError(f"box set {name!r} version {entry['version']} is missing its array", path=f"{self.url.rstrip('/')}/{record.path}", fix=LOST_CHUNK_FIX) from None
+            raise StoreError(f"box set {name!r} version {entry['version']} is missing its array", path=where, fix=LOST_CHUNK_FIX) from None
+        if rows.ndim != 2 or rows.shape[1] != 7:
+            raise StoreError(f"box set {name!r} version {entry['version']} holds a {rows.shape} array, not (N, 7)", path=where, fix="save the boxes again with `save_boxes`.")
         names = entry.get("class_names")
         return Boxes(rows[:, 1:].copy(), rows[:, 0].astype(np.int64), bool(entry["exhaustive"]), None if names is None else {int(k): v for k, v in names.items()})
 
@@ -693,7 +696,16 @@ class OMEZarrStore:
     def read_image_classes(self, case_id: str, name: str = "classes", version: int | None = None) -> ImageClasses | None:
         """The case's image-level classes ``name`` (latest version unless ``version``), or None if it has none."""
         entry = self._record_entry(case_id, CLASSES, name, version)
-        return None if entry is None else ImageClasses(tuple(entry["present"]), tuple(entry["absent"]))
+        if entry is None:
+            return None
+        try:
+            return ImageClasses(tuple(entry["present"]), tuple(entry["absent"]))
+        except (KeyError, TypeError):
+            raise StoreError(
+                f"image classes {name!r} version {entry.get('version')} lack their present/absent lists",
+                path=f"{self.url.rstrip('/')}/{case_id}/{CLASSES}/{name}",
+                fix="save them again with `save_image_classes`.",
+            ) from None
 
     def box_sets(self, case_id: str) -> list[str]:
         """Names of the case's box sets that have a saved version."""
