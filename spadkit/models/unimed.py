@@ -21,12 +21,14 @@ Shapes: ``UniMedNet.forward(x (B, C, Z, Y, X), spacing (B, 3) or (3,) mm) -> Uni
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spadkit.errors import SpadkitError
@@ -64,25 +66,34 @@ class UniMedOutput(NamedTuple):
 
 class PixelDecoder(nn.Module):
     """Dense per-voxel embedding from a SPAD-ViT's four skip maps: UNETR's skip path (as
-    :class:`~spadkit.models.unetr.SpadUNETR`) ending in a ``1x1x1`` projection to ``out_dim``.
+    :class:`~spadkit.models.unetr.SpadUNETR`) up to in-plane level ``out_level`` (0: the input's
+    resolution, 2: a quarter of it, as Mask2Former's mask features), a ``1x1x1`` projection to
+    ``out_dim``, then trilinear interpolation onto the input grid (whatever depth the spacing rule
+    kept, so 2D, isotropic and anisotropic inputs share the weights).
 
     Shapes: ``forward(x (B, C, Z, Y, X), skips 4 x (B, E, gz, gy, gx), level) -> (B, out_dim, Z, Y, X)``.
     """
 
-    def __init__(self, in_chans: int, encoder_dim: int, feature_size: int, out_dim: int):
+    def __init__(self, in_chans: int, encoder_dim: int, feature_size: int, out_dim: int, out_level: int = 2):
         super().__init__()
+        if not 0 <= out_level <= 3:
+            raise SpadkitError(f"out_level must lie in 0..3, got {out_level}", fix="use 0 (full resolution) to 3 (1/8).")
         f = feature_size
-        self.encoder0 = SpadResBlock(in_chans, f, level=0)
-        self.encoders = nn.ModuleList(TokenUp(encoder_dim, 2**i * f, steps=4 - i) for i in (1, 2, 3))
-        self.decoders = nn.ModuleList([UpBlock(encoder_dim, 8 * f, level=4), UpBlock(8 * f, 4 * f, level=3), UpBlock(4 * f, 2 * f, level=2), UpBlock(2 * f, f, level=1)])
-        self.proj = nn.Conv3d(f, out_dim, 1)
+        self.encoder0 = SpadResBlock(in_chans, f, level=0) if out_level == 0 else None
+        self.encoders = nn.ModuleList(TokenUp(encoder_dim, 2**i * f, steps=4 - i) for i in range(3, max(out_level, 1) - 1, -1))
+        widths = [encoder_dim, 8 * f, 4 * f, 2 * f, f][: 5 - out_level]
+        self.decoders = nn.ModuleList(UpBlock(a, b, level=4 - i) for i, (a, b) in enumerate(itertools.pairwise(widths)))
+        self.proj = nn.Conv3d(widths[-1], out_dim, 1)
 
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], level: int) -> torch.Tensor:
-        encoded = [self.encoder0(x, level), *(up(z, level) for up, z in zip(self.encoders, skips[:3]))]
+        encoded = [up(z, level) for up, z in zip(self.encoders, reversed(skips[:3]))]  # levels 3, 2, 1
+        if self.encoder0 is not None:
+            encoded.append(self.encoder0(x, level))
         out = skips[3]
-        for decoder, skip in zip(self.decoders, reversed(encoded)):
+        for decoder, skip in zip(self.decoders, encoded):
             out = decoder(out, skip, level)
-        return self.proj(out)
+        out = self.proj(out)
+        return out if out.shape[2:] == x.shape[2:] else F.interpolate(out, size=x.shape[2:], mode="trilinear", align_corners=False)
 
 
 class SemanticDecoder(nn.Module):
@@ -113,6 +124,8 @@ class UniMedDecoder(nn.Module):
         num_classes: class queries ``K``, background (class 0) included.
         extra_queries: queries without a class (context for the class queries; never supervised).
         feature_size: UNETR channels at full resolution of the pixel decoder.
+        pixel_level: in-plane level the pixel decoder stops at before interpolating onto the
+            input grid (0: full resolution; 2: a quarter, Mask2Former's mask resolution).
         mask_dim: width ``E`` of the pixel and mask embeddings.
         dim, depth, num_heads: the semantic decoder.
 
@@ -127,6 +140,7 @@ class UniMedDecoder(nn.Module):
         num_classes: int,
         extra_queries: int = 0,
         feature_size: int = 16,
+        pixel_level: int = 2,
         mask_dim: int = 32,
         dim: int = 128,
         depth: int = 2,
@@ -139,7 +153,7 @@ class UniMedDecoder(nn.Module):
                 fix="count the background as a class: num_classes=2 for one structure.",
             )
         self.num_classes, self.extra_queries = num_classes, extra_queries
-        self.pixel = PixelDecoder(in_chans, encoder_dim, feature_size, mask_dim)
+        self.pixel = PixelDecoder(in_chans, encoder_dim, feature_size, mask_dim, pixel_level)
         self.semantic = SemanticDecoder(encoder_dim, num_classes + extra_queries, dim, depth, num_heads)
         self.presence = nn.Linear(dim, 1)
         self.mask_embed = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, mask_dim))
@@ -281,9 +295,9 @@ def decoder_args(vit: str, **overrides: Any) -> dict[str, Any]:
 
 
 def _register(name: str, vit: str) -> None:
-    def build(num_classes: int = 2, in_chans: int = 1, backbone: str | os.PathLike | None = None, extra_queries: int = 0, feature_size: int | None = None, mask_dim: int | None = None, **kwargs: Any) -> UniMedNet:
+    def build(num_classes: int = 2, in_chans: int = 1, backbone: str | os.PathLike | None = None, extra_queries: int = 0, feature_size: int | None = None, mask_dim: int | None = None, pixel_level: int = 2, **kwargs: Any) -> UniMedNet:
         encoder = load_backbone(vit, backbone, in_chans, **kwargs)
-        return UniMedNet(encoder, num_classes, extra_queries=extra_queries, **decoder_args(vit, feature_size=feature_size, mask_dim=mask_dim))
+        return UniMedNet(encoder, num_classes, extra_queries=extra_queries, pixel_level=pixel_level, **decoder_args(vit, feature_size=feature_size, mask_dim=mask_dim))
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"UniMed decoders on ``{vit}``; ``backbone``: a pretrained ViT folder (``save_pretrained`` output)."

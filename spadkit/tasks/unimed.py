@@ -102,6 +102,8 @@ class UniMedPretrain(MAEPretrain):
         extra_queries: queries without a class.
         semantic_dim, semantic_depth, semantic_heads, mask_dim, feature_size: UniMed's decoder;
             ``None`` takes the backbone's default (:data:`~spadkit.models.unimed.DECODER_SIZES`).
+        pixel_level: where the pixel decoder stops before interpolating onto the input grid
+            (:class:`~spadkit.models.unimed.PixelDecoder`; 0 full resolution, 2 a quarter).
         mae_weight: weight of the MAE loss; presence_weight, voxel_weight, bag_weight: the
             composed loss's terms (:func:`composed_loss`).
         lr, weight_decay, warmup_steps, export_dir: as :class:`~spadkit.tasks.MAEPretrain`.
@@ -122,6 +124,7 @@ class UniMedPretrain(MAEPretrain):
         semantic_heads: int | None = None,
         mask_dim: int | None = None,
         feature_size: int | None = None,
+        pixel_level: int = 2,
         mae_weight: float = 1.0,
         presence_weight: float = 1.0,
         voxel_weight: float = 1.0,
@@ -136,7 +139,7 @@ class UniMedPretrain(MAEPretrain):
         if min(mae_weight, presence_weight, voxel_weight, bag_weight) < 0:
             raise SpadkitError("UniMed's loss weights must be >= 0", fix="set mae_weight, presence_weight, voxel_weight and bag_weight to 0 or more (0 switches a term off).")
         sizes = decoder_args(backbone, dim=semantic_dim, depth=semantic_depth, num_heads=semantic_heads, mask_dim=mask_dim, feature_size=feature_size)
-        self.unimed = UniMedDecoder(in_chans, self.backbone.embed_dim, num_classes, extra_queries, **sizes)
+        self.unimed = UniMedDecoder(in_chans, self.backbone.embed_dim, num_classes, extra_queries, pixel_level=pixel_level, **sizes)
         self.skip_indices = skip_indices(len(self.backbone.blocks))
 
     def setup(self, stage: str) -> None:

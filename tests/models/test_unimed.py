@@ -60,15 +60,17 @@ def test_mask_logits_are_query_embedding_dot_pixel_embedding(model):
     torch.testing.assert_close(out.masks, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_one_set_of_weights_trains_on_every_grid():
+@pytest.mark.parametrize("pixel_level", [0, 2])
+def test_one_set_of_weights_trains_on_every_grid(pixel_level):
     torch.manual_seed(1)
-    model = create_model("unimed_test", num_classes=2, extra_queries=1)
+    model = create_model("unimed_test", num_classes=2, extra_queries=1, pixel_level=pixel_level)
     for grid, (shape, spacing) in GRIDS.items():
         model.zero_grad()
         out = model(_image(shape, spacing)[:1], spacing)
         (out.masks.logsumexp(1).mean() + out.presence[:, :2].sum()).backward()
         unused = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
         assert unused == ["backbone.mask_token"], (grid, unused)  # the SimMIM token only
+        assert out.masks.shape[2:] == shape
 
 
 def test_a_pretrained_backbone_is_loaded(tmp_path):

@@ -22,8 +22,8 @@ def _module(**kwargs) -> UniMedPretrain:
 
 
 def _batches(mixed: dict) -> list[dict]:  # noqa: F811
-    """Two-sample batches with a stream position (the masks are seeded by it)."""
-    return [{**_sub(mixed, pair), "position": torch.tensor([0, i])} for i, pair in enumerate(([0, 3], [1, 2], [2, 3]))]
+    """Two-sample batches with a stream position (the MAE masks are seeded by it)."""
+    return [{**_sub(mixed, pair), "stream": {"epoch": [0], "group": [0], "step": [i]}} for i, pair in enumerate(([0, 3], [1, 2], [2, 3]))]
 
 
 def test_the_loss_is_mae_on_every_sample_plus_the_composed_loss(mixed):  # noqa: F811
@@ -31,7 +31,7 @@ def test_the_loss_is_mae_on_every_sample_plus_the_composed_loss(mixed):  # noqa:
     batches = _batches(mixed)
     with torch.no_grad():
         labelled = module.losses(batches[1])
-        unlabelled = module.losses({**_sub(mixed, [3, 3]), "position": torch.tensor([0, 9])})
+        unlabelled = module.losses(_sub(mixed, [3, 3]))
     composed = labelled["presence"] + labelled["voxel_bce"] + labelled["voxel_dice"] + labelled["bags"]
     torch.testing.assert_close(labelled["loss"], 0.5 * labelled["mae"] + composed)
     assert labelled["labelled"] == 1.0 and composed > 0 and labelled["mae"] > 0
