@@ -33,6 +33,19 @@ tensors) and ``monai_unetr_base`` (tensors) on ``--gpu-patch`` patches, batch
 ``torch.cuda.max_memory_allocated`` during the run. ``samples_per_s`` is the
 batch size over the median step time.
 
+Regime ``label_efficiency`` (``--regimes label``): the step of the network arms of
+``benchmarks/label_efficiency.py`` (``_label_networks.train_and_predict``), batch 1,
+32x64x64 mm patches around labelled axial slices of the MNI152 T1 block-averaged to
+the ``2x2x2`` (16x32x32 voxels) and ``1x1x3`` (8x64x64) mm grids, masked Dice + CE,
+AdamW. Arms, stepping in turn on the same patches: ``spad_unetr_test`` and
+``spad_unetr_small`` on the CPU fast kernels (:mod:`spadkit.models.spad`) and on
+PyTorch's own (``kernels="reference"``: ``F.conv3d``, which sends a single 8-32
+channel patch to ``slow_conv3d``, the state before the fast paths), MONAI's ``UNet``
+of the benchmark (channels 8-64, residual units) and, where the patch is a multiple of
+16 on every axis (2x2x2 only), MONAI's ``UNETR`` of ``spad_unetr_small``'s size.
+Rows give CPU seconds (``time.process_time``, all threads) and wall seconds per step,
+and the CPU-time ratio to MONAI's UNet.
+
 Usage::
 
     python benchmarks/finetune_speed.py --out benchmarks/results/finetune_speed.json
@@ -65,6 +78,7 @@ from spadkit.data import DatasetSource, LabelSampler, PatchStream
 from spadkit.demo import nilearn_file
 from spadkit.ingest import intensity_stats
 from spadkit.io import OMEZarrStore, read_volume
+from spadkit.models.spad import reference_kernels
 from spadkit.tasks.finetune import SegFinetune
 from spadkit.volume import LabelVolume
 
@@ -189,12 +203,118 @@ def section(url: str, models: Sequence[str], args: argparse.Namespace, device: t
     return runs
 
 
+#: Grids of ``benchmarks/label_efficiency.py`` whose network step the ``label`` regime times.
+LABEL_GRIDS = ("2x2x2", "1x1x3")
+#: (model, kernels) arms of the ``label`` regime; MONAI's UNETR joins where the patch allows it.
+LABEL_ARMS = (("spad_unetr_test", "fast"), ("spad_unetr_test", "reference"), ("spad_unetr_small", "fast"), ("spad_unetr_small", "reference"), ("monai_unet", None))
+
+
+class LabelStep:
+    """One step of a label-efficiency network arm: forward, masked Dice + CE, backward, AdamW
+    (the loop body of ``_label_networks.train_and_predict``, with its settings)."""
+
+    def __init__(self, model: str, kernels: str | None, patch: Sequence[int], spacing: Sequence[float], num_classes: int):
+        from _label_networks import TrainSettings, monai_unet, spad_unetr
+        from monai.losses import MaskedDiceLoss
+
+        settings = TrainSettings()
+        if model == "monai_unet":
+            self.model, groups = monai_unet(num_classes, seed=0)
+            self.forward = self.model
+        elif model == "monai_unetr_small":
+            from monai.networks.nets import UNETR
+
+            torch.manual_seed(0)
+            self.model = UNETR(1, num_classes, img_size=tuple(patch), qkv_bias=True, **MONAI_PEERS["spad_unetr_small"])
+            groups, self.forward = [{"params": list(self.model.parameters())}], self.model
+        else:
+            self.model, groups = spad_unetr(model, None, num_classes, seed=0, layer_decay=settings.layer_decay)
+            spacing_t = torch.tensor(spacing)
+            self.forward = lambda x: self.model(x, spacing_t)
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.dice = MaskedDiceLoss(include_background=False, softmax=True, batch=True)
+        self.kernels = contextlib.nullcontext if kernels != "reference" else reference_kernels
+        self.model.train()
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor) -> float:
+        from _label_networks import masked_loss
+
+        with self.kernels():
+            loss = masked_loss(self.forward(image), label, annotated, self.dice)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())
+
+
+def label_regime(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """CPU step times of :data:`LABEL_ARMS` on each of :data:`LABEL_GRIDS`, stepping in turn on the same patches."""
+    from _label_networks import PatchSampler, TrainSettings, multiple_of, pad_to
+    from label_efficiency import TARGETS, build_case
+
+    runs = []
+    for grid in LABEL_GRIDS:
+        case = build_case(grid)
+        multiple = multiple_of(case.spacing, case.image.shape[0], pyramid=8)
+        slices = list(range(case.image.shape[0] // 3, 2 * case.image.shape[0] // 3, max(1, case.image.shape[0] // 12)))
+        annotated = np.zeros(case.image.shape, bool)
+        annotated[slices] = True
+        padded = [pad_to(a, multiple) for a in (case.image, case.labels, annotated)]
+        # the patch of label_efficiency.Arms.predict: patch_mm rounded to the patch multiple, within the volume
+        patch = [min(max(m, m * round(mm / s / m)), n) for mm, s, m, n in zip(TrainSettings.patch_mm, case.spacing, multiple, padded[0].shape)]
+        arms = list(LABEL_ARMS) + ([("monai_unetr_small", None)] if all(p % 16 == 0 for p in patch) else [])
+        steps = [LabelStep(model, kernels, patch, case.spacing, len(TARGETS) + 1) for model, kernels in arms]
+        sampler = PatchSampler(*padded, slices, patch, seed=0)
+        cpu, wall = [[] for _ in arms], [[] for _ in arms]
+        for i in range(args.warmup + args.steps):
+            batch = sampler.batch(1)
+            for step, cpu_times, wall_times in zip(steps, cpu, wall):
+                start_cpu, start = time.process_time(), time.perf_counter()
+                step(*batch)
+                if i >= args.warmup:
+                    cpu_times.append(time.process_time() - start_cpu)
+                    wall_times.append(time.perf_counter() - start)
+        unet_cpu = float(np.median(cpu[[model for model, _ in arms].index("monai_unet")]))
+        for (model, kernels), step, cpu_times, wall_times in zip(arms, steps, cpu, wall):
+            run = {
+                "regime": "label_efficiency",
+                "grid": grid,
+                "model": model,
+                "implementation": "monai" if model.startswith("monai_") else "spadkit",
+                "kernels": kernels,
+                "device": "cpu",
+                "batch_size": 1,
+                "patch": patch,
+                "cpu_s_per_step": round(float(np.median(cpu_times)), 4),
+                "s_per_step": round(float(np.median(wall_times)), 4),
+                "steps_per_s": round(1 / float(np.median(wall_times)), 3),
+                "cpu_ratio_to_monai_unet": round(float(np.median(cpu_times)) / unet_cpu, 2),
+                "params_m": round(sum(p.numel() for p in step.model.parameters()) / 1e6, 2),
+            }
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    return runs
+
+
 def plot(runs: Sequence[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
+    label = [r for r in runs if r.get("regime") == "label_efficiency"]
+    runs = [r for r in runs if r.get("regime") != "label_efficiency"]
     devices = sorted({r["device"] for r in runs})
-    figure = Figure(figsize=(6 * len(devices), 3.6), layout="constrained")
-    for axis, device in zip(figure.subplots(1, len(devices), squeeze=False)[0], devices):
+    grids = sorted({r["grid"] for r in label}, reverse=True)
+    figure = Figure(figsize=(6 * (len(devices) + len(grids)), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(devices) + len(grids), squeeze=False)[0]
+    for axis, grid in zip(axes[len(devices) :], grids):
+        mine = [r for r in label if r["grid"] == grid]
+        colours = ["tab:orange" if r["implementation"] == "monai" else "tab:blue" if r["kernels"] == "fast" else "tab:gray" for r in mine]
+        bars = axis.barh([f"{r['model']}" + (f"\n{r['kernels']} kernels" if r["kernels"] else "") for r in mine], [r["cpu_s_per_step"] for r in mine], color=colours)
+        axis.bar_label(bars, [f"{r['cpu_s_per_step']:.3f} s ({r['cpu_ratio_to_monai_unet']:.1f}x UNet)" for r in mine], padding=3)
+        axis.invert_yaxis()
+        axis.set_xlabel("CPU seconds per training step (lower is better)")
+        axis.set_title(f"label-efficiency step, {grid} mm, batch 1, patch {'x'.join(map(str, mine[0]['patch']))}")
+        axis.margins(x=0.45)
+    for axis, device in zip(axes, devices):
         mine = [r for r in runs if r["device"] == device]
         labels = [f"{r['model']}\n{r['feed']}" for r in mine]
         colours = ["tab:orange" if r["implementation"] == "monai" else "tab:blue" if r["feed"] == "stream" else "tab:cyan" for r in mine]
@@ -218,6 +338,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-patch", type=int, default=96)
     parser.add_argument("--gpu-batch", type=int, default=4)
     parser.add_argument("--gpu-steps", type=int, default=20)
+    parser.add_argument("--regimes", nargs="+", choices=("stream", "label"), default=["stream", "label"], help="stream: 1 mm PatchStream fine-tuning; label: the label-efficiency network step")
     return parser.parse_args(argv)
 
 
@@ -226,12 +347,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    with tempfile.TemporaryDirectory() as folder:
-        url = annotated_store(Path(folder))
-        runs = section(url, ["spad_unetr_test", "spad_unetr_small"], args, torch.device("cpu"), args.patch, args.batch)
-        if torch.cuda.is_available():
-            gpu = argparse.Namespace(**{**vars(args), "steps": args.gpu_steps})
-            runs += section(url, ["spad_unetr_base"], gpu, torch.device("cuda"), args.gpu_patch, args.gpu_batch)
+    runs = label_regime(args) if "label" in args.regimes else []
+    if "stream" in args.regimes:
+        with tempfile.TemporaryDirectory() as folder:
+            url = annotated_store(Path(folder))
+            runs += section(url, ["spad_unetr_test", "spad_unetr_small"], args, torch.device("cpu"), args.patch, args.batch)
+            if torch.cuda.is_available():
+                gpu = argparse.Namespace(**{**vars(args), "steps": args.gpu_steps})
+                runs += section(url, ["spad_unetr_base"], gpu, torch.device("cuda"), args.gpu_patch, args.gpu_batch)
     report = {
         "runs": runs,
         "settings": {
@@ -250,6 +373,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "gpu": {"patch": args.gpu_patch, "batch": args.gpu_batch, "timed_steps": args.gpu_steps} if torch.cuda.is_available() else "not run: no CUDA device",
             "step": "SegFinetune.loss (masked Dice + CE over annotated voxels) + backward + AdamW (SegFinetune.configure_optimizers for spadkit)",
             "monai_peer": "monai.networks.nets.UNETR with the same hidden size, MLP, heads, feature size, 12 blocks, patch 16, qkv_bias",
+            "regimes": args.regimes,
+            "label_regime": {
+                "grids": list(LABEL_GRIDS),
+                "step": "benchmarks/_label_networks.py: masked Dice + CE over annotated voxels, backward, AdamW (TrainSettings), batch 1, 32x64x64 mm patches around labelled axial slices",
+                "kernels": "fast: spadkit.models.spad CPU paths (batch-1 split for oneDNN, kernel == stride as matrix products); reference: F.conv3d / F.conv_transpose3d (slow_conv3d at batch 1)",
+                "monai_unet": "monai.networks.nets.UNet(3, 1, 3, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1)",
+                "timing": "median over timed steps of time.process_time (cpu_s_per_step, all threads) and wall time (s_per_step); arms step in turn on the same patch",
+            },
             "runtime_s": round(time.perf_counter() - started, 1),
             "command": " ".join(sys.argv),
         },

@@ -28,8 +28,9 @@ a reshape and one matrix product.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,26 @@ def _group_sum_depth(weight: torch.Tensor, taps: int, *, mean: bool = False) -> 
 #: Dtypes whose single-image CPU convolutions :func:`conv3d` splits (oneDNN's float32 path;
 #: bfloat16 goes to oneDNN at any batch size, float64 has no oneDNN kernel).
 SPLIT_DTYPES = frozenset({torch.float32})
+_fast_kernels = True
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run the SPAD layers through plain ``F.conv3d`` / ``F.conv_transpose3d`` inside the block.
+
+    Process-wide (like ``torch.backends`` flags): for tests and benchmarks that compare the CPU
+    fast paths with PyTorch's own kernels.
+    """
+    global _fast_kernels
+    previous, _fast_kernels = _fast_kernels, False
+    try:
+        yield
+    finally:
+        _fast_kernels = previous
+
+
+def _fast_on(x: torch.Tensor) -> bool:
+    return _fast_kernels and x.device.type == "cpu"
 
 
 def _conv_output(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -155,7 +176,7 @@ def conv3d(
     Returns:
         ``(B, O, Z', Y', X')``, as ``F.conv3d(x, weight, bias, stride, padding)``.
     """
-    if not (x.device.type == "cpu" and x.dtype in SPLIT_DTYPES and x.shape[0] == 1):
+    if not (_fast_on(x) and x.dtype in SPLIT_DTYPES and x.shape[0] == 1):
         return F.conv3d(x, weight, bias, stride, padding)
     kernel = weight.shape[2:]
     outputs = [_conv_output(n, k, s, p) for n, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
@@ -231,7 +252,7 @@ class SpadConv3d(nn.Conv3d):
         if self.patchify:
             depth_stride = 2 ** depth_halvings(self.level, self.halvings, aniso_level)
             weight = _group_sum_depth(self.weight, depth_stride)
-            if x.device.type == "cpu":
+            if _fast_on(x):
                 return patchify_conv3d(x, weight, self.bias, (depth_stride, s, s))
             return F.conv3d(x, weight, self.bias, stride=(depth_stride, s, s))
         if self.level < aniso_level:  # depth still finer than in-plane: act as a 1x3x3 conv
@@ -261,6 +282,6 @@ class SpadConvTranspose3d(nn.ConvTranspose3d):
         s = self.stride[1]
         depth_stride = 2 ** depth_halvings(self.level - self.halvings, self.halvings, aniso_level)
         weight = _group_sum_depth(self.weight, depth_stride, mean=True)
-        if x.device.type == "cpu":
+        if _fast_on(x):
             return unpatchify_conv_transpose3d(x, weight, self.bias, (depth_stride, s, s))
         return F.conv_transpose3d(x, weight, self.bias, stride=(depth_stride, s, s))

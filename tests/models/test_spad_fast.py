@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from spadkit.models import create_model, spad
-from spadkit.models.spad import conv3d, patchify_conv3d, unpatchify_conv_transpose3d
+from spadkit.models.spad import (
+    conv3d,
+    patchify_conv3d,
+    reference_kernels,
+    unpatchify_conv_transpose3d,
+)
 
 #: float32 sums in another order (oneDNN, a matrix product) differ by rounding: compare each tensor to 1e-5
 #: of its largest magnitude (a weight gradient sums ~10^5 products; element-wise 1e-5 would test the rounding).
@@ -84,24 +89,12 @@ def test_unpatchify_equals_transposed_conv(shape, stride):
     _assert_same(lambda *t: unpatchify_conv_transpose3d(*t, stride), lambda *t: F.conv_transpose3d(*t, stride=stride), x, weight, bias)
 
 
-@pytest.fixture
-def reference_kernels(monkeypatch):
-    """Route the SPAD layers through plain ``F.conv3d`` / ``F.conv_transpose3d`` (the slow path)."""
-
-    def use() -> None:
-        monkeypatch.setattr(spad, "conv3d", lambda x, w, b=None, stride=(1, 1, 1), padding=(0, 0, 0): F.conv3d(x, w, b, stride, padding))
-        monkeypatch.setattr(spad, "patchify_conv3d", lambda x, w, b, stride: F.conv3d(x, w, b, stride))
-        monkeypatch.setattr(spad, "unpatchify_conv_transpose3d", lambda x, w, b, stride: F.conv_transpose3d(x, w, b, stride))
-
-    return use
-
-
 @pytest.mark.parametrize(
     ("spacing", "shape"),
     [((2.0, 2.0, 2.0), (16, 32, 32)), ((3.0, 1.0, 1.0), (8, 64, 64)), ((1.0, 1.0, 1.0), (1, 32, 32))],
     ids=["2mm", "1x1x3mm", "2d"],
 )
-def test_spad_unetr_fast_path_equals_reference(spacing, shape, reference_kernels, monkeypatch):
+def test_spad_unetr_fast_path_equals_reference(spacing, shape, monkeypatch):
     """The whole network, forward and every parameter's gradient, in float64 with the batch split
     switched on for float64 too: the split, patchify and pixel-shuffle arithmetic is checked exactly,
     apart from float32 rounding (a float32 SPAD-UNETR's own gradients differ from float64 by ~1%
@@ -118,8 +111,8 @@ def test_spad_unetr_fast_path_equals_reference(spacing, shape, reference_kernels
         return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     fast = run()
-    reference_kernels()
-    reference = run()
+    with reference_kernels():
+        reference = run()
     assert len(fast) == len(reference) > 40
     for got, want in zip(fast, reference, strict=True):
         torch.testing.assert_close(got, want)
@@ -133,7 +126,13 @@ def test_single_patch_step_avoids_native_slow_kernels():
     model = create_model("spad_unetr_test", num_classes=2).train()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         model(torch.rand(1, 1, 16, 32, 32), torch.tensor((2.0, 2.0, 2.0))).sum().backward()
+    assert _slow_kernels(prof) == []
+    with reference_kernels(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(torch.rand(1, 1, 16, 32, 32), torch.tensor((2.0, 2.0, 2.0))).sum().backward()
+    assert "aten::slow_conv3d_forward" in _slow_kernels(prof)  # the reference path does hit it
+
+
+def _slow_kernels(prof: torch.profiler.profile) -> list[str]:
     events = prof.key_averages(group_by_input_shape=True)
     assert any(e.key == "aten::mkldnn_convolution" for e in events)
-    slow = [(e.key, e.input_shapes[1]) for e in events if "slow_conv" in e.key and e.input_shapes[1][2:] != [1, 1, 1]]
-    assert not slow, slow
+    return sorted({e.key for e in events if "slow_conv" in e.key and e.input_shapes[1][2:] != [1, 1, 1]})
