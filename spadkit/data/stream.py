@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from spadkit.data.boxes import crop_matrix, map_boxes
+from spadkit.data.boxes import crop_matrix, map_rows
 from spadkit.data.cache import ChunkCache
 from spadkit.data.geometry import margins, patch_affine, resample, zoomed_window
 from spadkit.data.levels import BOX_RATIO, CaseAnnotations, read_annotations
@@ -457,7 +457,7 @@ class PatchStream(IterableDataset):
         k = self.joint_classes
         return {
             "boxes": [
-                torch.zeros((0, 7)) if n.rows is None else map_boxes(torch.from_numpy(n.rows), crop_matrix(s, a, z), shape)
+                torch.zeros((0, 7)) if n.rows is None else torch.from_numpy(map_rows(n.rows, crop_matrix(s, a, z), shape))
                 for n, s, a, z in zip(notes, starts, axes, zooms)
             ],
             "box_known": torch.from_numpy(np.stack([n.box_known(k) for n in notes])),

@@ -153,7 +153,7 @@ def test_edge_maps_match_hand_computed_boxes():
     # crop at (1, 1, 1), transposed (X, Z, Y), zoom 2 along the new first axis
     np.testing.assert_allclose(map_boxes(boxes, crop_matrix((1, 1, 1), (2, 0, 1), (2.0, 1.0, 1.0)), (10, 10, 10))[0].tolist(), [1, 1.5, 1, 2, 4, 4, 6])
     np.testing.assert_allclose(map_boxes(boxes, flip_matrix(2, 10), (10, 10, 10))[0].tolist(), [1, 2, 3, 1, 5, 7, 6])
-    quarter = torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64)  # a quarter turn in the Y-X plane
+    quarter = torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])  # a quarter turn in the Y-X plane
     np.testing.assert_allclose(map_boxes(boxes, rotation_matrix(quarter, (10, 10, 10)), (10, 10, 10))[0].tolist(), [1, 2, 4, 3, 5, 9, 7])
     assert map_boxes(boxes, crop_matrix((0, 0, 20), (0, 1, 2), (1, 1, 1)), (10, 10, 10)).shape == (0, 7)  # misses the patch
     assert map_boxes(torch.zeros((0, 7)), flip_matrix(0, 4), (4, 4, 4)).shape == (0, 7)
