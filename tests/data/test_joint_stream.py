@@ -201,3 +201,20 @@ def test_a_class_beyond_joint_classes_is_refused_naming_the_case(stores):
     with pytest.raises(SpadkitError, match="c0.*class\\(es\\) \\[3\\]") as caught:
         _mixed(stores, joint_classes=3)
     assert "joint_classes=4" in caught.value.fix
+
+
+def test_a_2d_slice_keeps_its_boxes_one_slice_deep_through_flips_and_rotations(tmp_path):
+    store = OMEZarrStore(str(tmp_path / "slice.zarr"), mode="a")
+    label = write_crop(store, "s0", origin=(88, 96, 64), shape=(1, 80, 72), with_label=True)  # an axial slice through both ventricles
+    store.save_boxes("s0", *bounding_boxes(label))
+    stream = PatchStream([DatasetSource(store.url, label="seg", boxes="boxes")], 32, batch_size=2, samples_per_case=4, num_threads=0, seed=3, joint_classes=3, rank=0, world_size=1)
+    augment = BatchAugment(flip_prob=0.5, rotate_prob=1.0, gamma_prob=0.0, intensity_prob=0.0, seed=1)
+    boxed = 0
+    for batch in stream:
+        assert batch["image"].shape[2] == 1
+        augment(batch)
+        for i, boxes in enumerate(batch["boxes"]):
+            assert torch.all(boxes[:, 1] == 0) and torch.all(boxes[:, 4] == 1)
+            assert all(share == 1.0 for share in _inside(batch["label"][i, 0].numpy(), boxes, tolerance=0.9).values())
+            boxed += len(boxes)
+    assert boxed >= 4
