@@ -19,6 +19,8 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 #: Seconds any one cell may run (the slowest, notebook 04's fine-tunes, ~40 s on 2 idle cores; minutes under load).
 CELL_TIMEOUT_S = 400
+#: The nbmake run loads no other pytest plugin (napari's, npe2's, zarr's, qt's, ...: seconds of imports per notebook).
+NBMAKE_ONLY = [f"-pno:{name}" for name in ("cacheprovider", "napari", "napari-plugin-engine", "npe2", "pytest-qt", "zarr", "jaxtyping", "anyio", "platformdirs")]
 TUTORIALS = [
     "01_load_and_look.ipynb",
     "02_catalog_and_ingest.ipynb",
@@ -53,7 +55,7 @@ def test_notebook_runs_top_to_bottom(notebook, tutorial_dir, record_property):
     before = sorted(NOTEBOOK_DIR.rglob("*"))
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbmake", f"--nbmake-timeout={CELL_TIMEOUT_S}", "-p", "no:cacheprovider", "-q", str(notebook)],
+        [sys.executable, "-m", "pytest", "--nbmake", f"--nbmake-timeout={CELL_TIMEOUT_S}", *NBMAKE_ONLY, "-q", str(notebook)],
         capture_output=True,
         text=True,
         cwd=NOTEBOOK_DIR.parent,

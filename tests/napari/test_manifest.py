@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-from npe2 import PluginManager
+from npe2 import PluginManager, PluginManifest
 
 
-@pytest.mark.slow  # ~10 s: a fresh interpreter imports napari and every command
 def test_npe2_validate_passes_with_imports():
-    npe2 = Path(sys.executable).with_name("npe2")
-    result = subprocess.run([str(npe2), "validate", "spadkit", "--imports"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "valid" in result.stdout
+    """What ``npe2 validate spadkit --imports`` checks, in this interpreter (a fresh one costs ~10 s of imports)."""
+    manifest = PluginManifest.from_distribution("spadkit")  # validated on load: a bad manifest raises here
+    manifest.validate_imports()  # every python_name imports: a missing module or attribute raises ValidationError
+    assert manifest.name == "spadkit"
 
 
 def test_the_installed_manifest_contributes_reader_writer_sample_and_widget():
