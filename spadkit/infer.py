@@ -15,7 +15,8 @@ e.g. SPAD-UNETR) over a ``(C, Z, Y, X)`` image of any spacing:
   ``out``); memory is bounded by one band of windows;
 * ``region`` predicts only a box (e.g. a slab of slices around the one on screen): it
   uses exactly the windows, weights and order of a full prediction that touch the
-  box, so it equals the same box of a full prediction;
+  box, so it equals the same box of a full prediction; :func:`save_prediction` layers
+  it on a saved prediction, writing only the chunks the box touches;
 * outputs: class probabilities, the label map (argmax) and an uncertainty map: the
   predictive entropy (nats; 0 = certain, ``log K`` = uniform), the variance over
   test-time flips, or the variance over Monte-Carlo dropout samples (dropout layers
@@ -361,34 +362,144 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_prediction(store: Any, case_id: str, prediction: Prediction, *, checkpoint: str | os.PathLike | None = None, model_name: str = "", author: str = "spadkit predict") -> dict[str, int]:
-    """Write a full-grid prediction into an ``OMEZarrStore`` as label groups ``pred`` (the label map) and
+#: Label groups a prediction is saved as (the label map; the uncertainty as 0..100 % of its maximum).
+PREDICTION_LABELS = ("pred", "uncertainty")
+
+
+def previous_prediction(store: Any, case_id: str, base_version: int | None = None, uncertainty: str | None = None) -> dict[str, int]:
+    """The saved prediction a region prediction is layered on: ``{"pred": version, "uncertainty": version}``.
+
+    Args:
+        store: an ``OMEZarrStore``.
+        case_id: the case.
+        base_version: a ``pred`` version (default: the latest); its partner is the ``uncertainty``
+            version :func:`save_prediction` wrote with it (the same provenance message).
+        uncertainty: the kind of the new prediction's uncertainty; a base of another kind is refused
+            (its percentages measure something else).
+
+    Raises:
+        SpadkitError: the case has no saved prediction, no such version, a ``pred`` version without
+            its ``uncertainty`` partner (saved by hand), or another uncertainty kind.
+    """
+    where = f"{store.url.rstrip('/')}/{case_id}/labels/pred"
+    if not set(PREDICTION_LABELS) <= set(store.label_names(case_id)):
+        raise SpadkitError(
+            f"case {case_id} has no saved prediction for a region to refresh",
+            path=where,
+            fix="predict and save the whole volume once (spadkit predict without --region; save_prediction of predict(region=None)); "
+            "region predictions then refresh a part of it.",
+        )
+    preds = {entry["version"]: entry for entry in store.label_versions(case_id, "pred")}
+    version = max(preds) if base_version is None else base_version
+    if version not in preds:
+        raise SpadkitError(f"label 'pred' of {case_id} has no version {base_version}", path=where, fix=f"pass one of the versions {sorted(preds)}.")
+    message = preds[version]["message"]
+    partners = [entry["version"] for entry in store.label_versions(case_id, "uncertainty") if entry["message"] == message]
+    if not partners:
+        raise SpadkitError(
+            f"pred version {version} of {case_id} has no uncertainty version saved with it (not written by save_prediction)",
+            path=where,
+            fix="predict and save the whole volume, then refresh regions of that prediction.",
+        )
+    kind = _provenance(message).get("uncertainty")
+    if uncertainty is not None and kind not in (None, uncertainty):
+        raise SpadkitError(
+            f"pred version {version} of {case_id} holds {kind!r} uncertainty, the region {uncertainty!r}",
+            path=where,
+            fix=f"predict the region with uncertainty={kind!r}, or predict and save the whole volume.",
+        )
+    return {"pred": version, "uncertainty": partners[-1]}
+
+
+def _provenance(message: str) -> dict[str, Any]:
+    """The provenance :func:`save_prediction` records in a version message (empty for other messages)."""
+    try:
+        record = json.loads(message.removeprefix("prediction "))
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _region_outputs(prediction: Prediction, grid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The label map and uncertainty of ``prediction.region`` (arrays of the region's shape, or of the
+    whole grid when :func:`predict` wrote into ``out``)."""
+    box = prediction.region
+    shape = tuple(b.stop - b.start for b in box)
+    labels, uncertainty = prediction.labels, prediction.uncertainty
+    if tuple(np.shape(labels)) == grid and shape != grid:
+        labels, uncertainty = labels[box], uncertainty[box]
+    labels, uncertainty = np.asarray(labels), np.asarray(uncertainty)
+    if labels.shape != shape or uncertainty.shape != shape:
+        raise SpadkitError(
+            f"prediction arrays of shape {labels.shape} match neither its region {shape} nor the grid {grid}",
+            fix="save the Prediction that spadkit.infer.predict returned for this case.",
+        )
+    return labels, uncertainty
+
+
+def save_prediction(
+    store: Any,
+    case_id: str,
+    prediction: Prediction,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    model_name: str = "",
+    author: str = "spadkit predict",
+    base_version: int | None = None,
+) -> dict[str, int]:
+    """Write a prediction into an ``OMEZarrStore`` as label groups ``pred`` (the label map) and
     ``uncertainty`` (as a percentage of its maximum, 0..100, since NGFF labels are integers: entropy of
     ``log K``, flip variance of 0.25, the largest variance of values in [0, 1]).
 
     Each becomes a new label version whose message records the provenance (model, checkpoint SHA-256);
     the store records the time and author. Returns ``{"pred": version, "uncertainty": version}``.
 
+    A *region* prediction (``predict(..., region=...)``, e.g. the slab around the slice on screen)
+    refreshes a saved one: pass ``base_version``, the ``pred`` version it is layered on (the one the
+    viewer shows; :func:`previous_prediction` finds the latest). The new versions hold the region's
+    prediction inside the region and the base versions' everywhere else, saved copy-on-write
+    (``save_label(changed=<region>, base_version=...)``), so only the storage chunks the region
+    touches are written; the provenance adds ``region`` ``[[z0, z1], [y0, y1], [x0, x1]]`` and
+    ``base_versions``. If another save made a newer version meanwhile, the result is still the base
+    with the region replaced (the store then compares every chunk instead of trusting the region).
+    There is no implicit whole-volume fallback: a region with no saved prediction is refused.
+
     Raises:
-        SpadkitError: the prediction covers only a region (the store keeps whole-grid versions).
+        SpadkitError: a region prediction without ``base_version``, or one :func:`previous_prediction`
+            refuses (no saved prediction, an unknown version, another uncertainty kind).
     """
     from spadkit.io.omezarr import now_iso
     from spadkit.volume import LabelVolume
 
     image = store.read_image(case_id)
-    if tuple(b.stop - b.start for b in prediction.region) != tuple(image.spatial_shape) or tuple(np.shape(prediction.labels)) != tuple(image.spatial_shape):
-        raise SpadkitError(
-            f"the prediction covers {prediction.region}, not the whole grid {image.spatial_shape} of {case_id}",
-            fix="predict the whole volume (region=None) before saving it as a label version.",
-        )
+    grid = tuple(image.spatial_shape)
+    box = tuple(prediction.region)
+    whole = [(b.start, b.stop) for b in box] == [(0, n) for n in grid]
+    labels, uncertainty = _region_outputs(prediction, grid)
     provenance = {"model": model_name, "predicted": now_iso(), "windows": prediction.windows, "uncertainty": prediction.uncertainty_kind}
     if checkpoint is not None:
         provenance.update(checkpoint=str(Path(checkpoint).name), checkpoint_sha256=file_sha256(checkpoint))
+    bases: dict[str, int] = {}
+    if not whole:
+        if base_version is None:
+            raise SpadkitError(
+                f"the prediction covers only {[(b.start, b.stop) for b in box]} of the grid {grid} of {case_id}",
+                path=f"{store.url.rstrip('/')}/{case_id}/labels/pred",
+                fix="pass base_version=<the pred version the region refreshes> (spadkit.infer.previous_prediction finds the latest), "
+                "or predict the whole volume (region=None).",
+            )
+        bases = previous_prediction(store, case_id, base_version, prediction.uncertainty_kind)
+        provenance.update(region=[[b.start, b.stop] for b in box], base_versions=bases)
     message = "prediction " + json.dumps(provenance, sort_keys=True)
     num_classes = np.shape(prediction.probs)[0]
     top = math.log(max(num_classes, 2)) if prediction.uncertainty_kind == "entropy" else 0.25
-    percent = np.rint(np.asarray(prediction.uncertainty) / top * 100).clip(0, 100).astype(np.uint8)
+    percent = np.rint(uncertainty / top * 100).clip(0, 100).astype(np.uint8)
     versions = {}
-    for name, data, classes in (("pred", np.asarray(prediction.labels), None), ("uncertainty", percent, {0: "certain", 100: "uniform"})):
-        versions[name] = store.save_label(case_id, LabelVolume(data, image.affine, classes=classes), name, author=author, message=message)
+    for name, data, classes in (("pred", labels, None), ("uncertainty", percent, {0: "certain", 100: "uniform"})):
+        if not whole:  # the base version, with the region replaced
+            layered = store.read_label(case_id, name, bases[name]).numpy()[0].copy()
+            layered[box] = data
+            data = layered
+        label = LabelVolume(data, image.affine, classes=classes)
+        versions[name] = store.save_label(case_id, label, name, author=author, message=message, changed=None if whole else box, base_version=bases.get(name))
     return versions

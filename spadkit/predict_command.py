@@ -4,6 +4,7 @@
 
     spadkit predict brains.zarr/mni --model runs/finetune/export          # label groups pred + uncertainty
     spadkit predict t1.nii.gz --model last.ckpt --out predictions/ --flips  # NIfTI files
+    spadkit predict brains.zarr/mni --model runs/finetune/export --region 40:48  # refresh a slab
 
 A store case gets two new label versions, ``pred`` (the label map) and ``uncertainty``
 (0..100 % of its maximum), whose version message records the model and the checkpoint's
@@ -12,6 +13,12 @@ plugin show both. ``--out DIR`` writes ``DIR/<name>_pred.nii.gz`` (uint8 labels)
 ``DIR/<name>_uncertainty.nii.gz`` (float32: nats, or a variance) on the input's RAS grid
 instead. The image is read window by window and normalised as the model was pretrained
 (:mod:`spadkit.normalise`).
+
+``--region Z0:Z1[,Y0:Y1,X0:X1]`` predicts only that box (numpy slice syntax; ``40:48`` is
+the axial slab of slices 40..47) and saves it on top of the latest saved prediction (or
+``--base-version``): the new versions equal that prediction outside the box and are
+written copy-on-write, only the chunks the box touches. A case without a saved
+prediction is refused before anything runs: predict the whole volume first.
 """
 
 from __future__ import annotations
@@ -45,10 +52,24 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--mc-samples", type=int, default=8, help="stochastic passes per window with --mc-dropout (default: 8)")
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap in [0, 1) (default: 0.25, MONAI's)")
     parser.add_argument("--window", type=int, nargs=3, metavar=("Z", "Y", "X"), help="window in voxels (default: 6 tokens per axis at the image's spacing)")
+    parser.add_argument("--region", type=parse_region, help="predict only this box, e.g. 40:48 (axial slices 40..47) or 40:48,:,10:90; saved over the previous prediction")
+    parser.add_argument("--base-version", type=int, help="with --region: the pred version to refresh (default: the latest)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
+
+
+def parse_region(spec: str) -> tuple[slice, ...]:
+    """``"40:48"`` -> ``(slice(40, 48),)``; ``"40:48,:,10:90"`` -> three slices (``Z, Y, X``; empty bounds mean the edge).
+
+    Raises:
+        argparse.ArgumentTypeError: not 1-3 comma-separated ``start:stop`` ranges of integers.
+    """
+    axes = spec.split(",")
+    if not 1 <= len(axes) <= 3 or not all(re.fullmatch(r"\s*-?\d*\s*:\s*-?\d*\s*", axis) for axis in axes):
+        raise argparse.ArgumentTypeError(f"{spec!r} is not 1-3 ranges like 40:48 or 40:48,:,10:90 (z, y, x)")
+    return tuple(slice(*(int(bound) if bound.strip() else None for bound in axis.split(":"))) for axis in axes)
 
 
 def load_segmenter(path: str | Path) -> nn.Module:
@@ -120,16 +141,21 @@ def _save_nifti(folder: Path, stem: str, volume: Any, prediction: Any) -> list[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from spadkit.infer import predict, save_prediction
+    from spadkit.infer import predict, previous_prediction, save_prediction
     from spadkit.normalise import NormalisedArray, is_signed, percentile_windows
 
     store, case_id, stem, (volume, stats) = _read_input(args.input)
     if store is None and not args.out:
         raise SpadkitError("an image file needs --out", path=args.input, fix="add --out FOLDER (NIfTI files are written there), or ingest it into a store first.")
+    if (args.region is not None or args.base_version is not None) and args.out:
+        raise SpadkitError("--region saves into the store over a previous prediction, not into files", path=args.input, fix="drop --out, or drop --region to write whole-volume NIfTI files.")
+    uncertainty = args.uncertainty or ("mc_dropout" if args.mc_dropout is not None else "entropy")
+    base = None
+    if args.region is not None:  # refuse before predicting
+        base = previous_prediction(store, case_id, args.base_version, uncertainty)["pred"]
     model = load_segmenter(args.model)
     if args.mc_dropout is not None:
         _set_mc_dropout(model, args.mc_dropout)
-    uncertainty = args.uncertainty or ("mc_dropout" if args.mc_dropout is not None else "entropy")
     image = NormalisedArray(volume.array, percentile_windows(stats), signed=is_signed(model))
     bar = None
     if not args.quiet:
@@ -151,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
             flips=args.flips,
             uncertainty=uncertainty,
             mc_samples=args.mc_samples,
+            region=args.region,
             batch_size=args.batch_size,
             device=args.device,
             progress=progress if bar is not None else None,
@@ -163,7 +190,11 @@ def run(args: argparse.Namespace) -> int:
         summary["files"] = _save_nifti(Path(args.out), stem, volume, prediction)
     else:
         checkpoint = Path(args.model) / "model.pt" if Path(args.model).is_dir() else Path(args.model)
-        summary["versions"] = save_prediction(store, case_id, prediction, checkpoint=checkpoint, model_name=model.pretrained_cfg.architecture)
+        summary["versions"] = save_prediction(store, case_id, prediction, checkpoint=checkpoint, model_name=model.pretrained_cfg.architecture, base_version=base)
+        if base is not None:
+            summary["region"] = [[b.start, b.stop] for b in prediction.region]
+            entries = {name: {e["version"]: e for e in store.label_versions(case_id, name)}[number] for name, number in summary["versions"].items()}
+            summary["chunks_written"] = {name: entry["chunks_written"] for name, entry in entries.items()}
     summary["classes"] = {int(k): int(v) for k, v in zip(*np.unique(np.asarray(prediction.labels), return_counts=True))}
     print(json.dumps(summary, indent=2))
     return 0
