@@ -175,3 +175,17 @@ def test_label_saves_and_box_saves_do_not_disturb_each_other(store):
     store.save_label("seg", LabelVolume(np.zeros(label.shape, np.int32), label.affine))
     np.testing.assert_array_equal(store.read_boxes("seg").corners, corners)
     assert [v["version"] for v in store.label_versions("seg")] == [1, 2]
+
+
+def test_writers_at_once_get_distinct_versions_and_every_name_listed(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def save(name: str) -> list[int]:
+        writer = OMEZarrStore(store.url, mode="a")  # its own store object, as another process would have
+        return [writer.save_boxes("plain", [[1, 1, 1, 2 + i, 2, 2]], [1], name=name) for i in range(3)]
+
+    with ThreadPoolExecutor(3) as pool:
+        numbers = list(pool.map(save, ["shared", "shared", "other"]))
+    assert sorted(numbers[0] + numbers[1]) == [1, 2, 3, 4, 5, 6] and numbers[2] == [1, 2, 3]  # no version number twice
+    assert sorted(store.box_sets("plain")) == ["other", "shared"]  # the set index lost neither name
+    assert [v["version"] for v in store.record_versions("plain", "boxes", "shared")] == [1, 2, 3, 4, 5, 6]
