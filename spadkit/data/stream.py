@@ -163,6 +163,8 @@ class PatchStream(IterableDataset):
     A patch of a case with boxes overlaps one of them with probability
     :data:`~spadkit.data.levels.BOX_RATIO` (else the sampler places it; a
     :class:`LabelSampler` applies to the cases with a label map, the others are uniform).
+    Where such a case also has a partial label map, a patch drawn onto a box may miss its
+    annotated voxels: its boxes supervise it.
     """
 
     def __init__(
