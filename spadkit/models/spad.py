@@ -124,6 +124,9 @@ def _group_sum_depth(weight: torch.Tensor, taps: int, *, mean: bool = False) -> 
 #: Dtypes whose single-image CPU convolutions :func:`conv3d` splits (oneDNN's float32 path;
 #: bfloat16 goes to oneDNN at any batch size, float64 has no oneDNN kernel).
 SPLIT_DTYPES = frozenset({torch.float32})
+#: ``B * C * Z * Y`` above which PyTorch already picks oneDNN for a single image
+#: (``ConvParams::use_mkldnn`` in ATen's ConvUtils); splitting such inputs only copies them.
+ONEDNN_MIN_ELEMENTS = 20480
 _fast_kernels = True
 
 
@@ -161,12 +164,14 @@ def conv3d(
 
     PyTorch picks oneDNN (mkldnn) for a float32 CPU convolution with a 3x3 (or smaller)
     in-plane kernel only when the batch has two or more images or ``B * C * Z * Y``
-    exceeds 20480 elements; a single decoder patch falls to the native ``slow_conv3d``,
-    5-10x slower forward and backward (measured on 8-32 channel maps of 16x32x32 and
-    8x64x64 voxels). Here a batch of one is cut in two along its first spatial axis with
-    two or more output positions, each half with the input rows its outputs read (a halo,
-    zero-padded where the convolution pads), convolved as a batch of two and joined
-    again: the same sums, equal up to float rounding (about 1e-6 relative).
+    exceeds :data:`ONEDNN_MIN_ELEMENTS`; a single decoder patch falls to the native
+    ``slow_conv3d``, 5-10x slower forward and backward (measured on 8-32 channel maps of
+    16x32x32 and 8x64x64 voxels). Such an input is cut in two along its first spatial axis
+    with two or more output positions, each half with the input rows its outputs read (a
+    halo, zero-padded where the convolution pads), convolved as a batch of two and joined
+    again: the same sums, equal up to float rounding (about 1e-6 relative). Every other
+    input goes to ``F.conv3d`` unchanged (splitting a large one would only copy it: a
+    8x96x112x96 map took 233 ms split against 144 ms whole).
 
     Args:
         x: ``(B, C, Z, Y, X)``.
@@ -176,7 +181,8 @@ def conv3d(
     Returns:
         ``(B, O, Z', Y', X')``, as ``F.conv3d(x, weight, bias, stride, padding)``.
     """
-    if not (_fast_on(x) and x.dtype in SPLIT_DTYPES and x.shape[0] == 1):
+    native = x.shape[0] == 1 and math.prod(x.shape[:4]) <= ONEDNN_MIN_ELEMENTS and min(weight.shape[-2:]) <= 3
+    if not (_fast_on(x) and x.dtype in SPLIT_DTYPES and native):
         return F.conv3d(x, weight, bias, stride, padding)
     kernel = weight.shape[2:]
     outputs = [_conv_output(n, k, s, p) for n, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
