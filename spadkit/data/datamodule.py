@@ -73,6 +73,9 @@ class PatchDataModule(L.LightningDataModule):
         augment: a :class:`BatchAugment`, ``True`` for the default one, ``"pumit"`` for
             :meth:`BatchAugment.pumit` (PUMIT's pretraining augmentation), or ``None``.
         pin_memory: pin batches for faster host-to-GPU copies.
+        joint_classes: ``K`` (background included) to mix cases of every annotation level
+            (masks, boxes, image classes, none) in one batch, with the keys of
+            :class:`PatchStream` ``joint_classes`` (UniMed's joint learning).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class PatchDataModule(L.LightningDataModule):
         intensity: Intensity = "percentile",
         augment: BatchAugment | bool | Literal["pumit"] | None = None,
         pin_memory: bool = False,
+        joint_classes: int | None = None,
     ):
         super().__init__()
         if sampler not in ("uniform", "label"):
@@ -133,6 +137,7 @@ class PatchDataModule(L.LightningDataModule):
             "num_threads": num_threads,
             "cache_bytes": cache_bytes,
             "intensity": intensity,
+            "joint_classes": joint_classes,
         }
         self.visits_per_epoch = visits_per_epoch
         self.num_workers = num_workers
