@@ -162,5 +162,10 @@ def test_predict_command_region_refreshes_a_slab(tmp_path, capsys):
     saved[expected.region] = before[expected.region]
     np.testing.assert_array_equal(saved, before)
 
+    assert main(["predict", f"{store.url}/mni", "--model", new_dir, "--region", "30:32", "--base-version", "1", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["versions"] == {"pred": 3, "uncertainty": 3}
+    provenance = json.loads(store.label_versions("mni", "pred")[-1]["message"].removeprefix("prediction "))
+    assert provenance["base_versions"] == {"pred": 1, "uncertainty": 1} and provenance["region"] == [[30, 32], [0, 64], [0, 80]]
+
     assert main(["predict", f"{store.url}/mni", "--model", new_dir, "--region", "20:24", "--out", str(tmp_path / "nii"), *common]) == 2
     assert "--region saves into the store" in capsys.readouterr().err
