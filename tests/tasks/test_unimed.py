@@ -38,6 +38,7 @@ def test_the_loss_is_mae_on_every_sample_plus_the_composed_loss(mixed):  # noqa:
     assert unlabelled["labelled"] == 0.0 and unlabelled["loss"] == 0.5 * unlabelled["mae"] > 0  # only the self-supervised loss
 
 
+@pytest.mark.slow
 def test_joint_training_lowers_the_composed_loss_and_exports_the_backbone(mixed, tmp_path):  # noqa: F811
     module = _module(lr=3e-3, export_dir=str(tmp_path / "unimed"))
     batches = _batches(mixed)
@@ -57,6 +58,7 @@ def test_joint_training_lowers_the_composed_loss_and_exports_the_backbone(mixed,
         torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(mixed, tmp_path):  # noqa: F811
     module = _module()
     batches = _batches(mixed)

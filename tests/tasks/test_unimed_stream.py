@@ -18,6 +18,8 @@ from spadkit.models import create_model
 from spadkit.tasks import UniMedPretrain
 from tests.mni_ventricles import bounding_boxes, write_crop
 
+pytestmark = pytest.mark.slow  # three stores written, then Lightning fits: ~30 s on 2 shared cores
+
 K = 3  # background and the two lateral ventricles
 SMALL = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "warmup_steps": 1}
 DATAMODULE_TAKES_JOINT_CLASSES = "joint_classes" in inspect.signature(PatchDataModule).parameters
