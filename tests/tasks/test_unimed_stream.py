@@ -1,10 +1,9 @@
 """UniMedPretrain on a real joint PatchStream: stores of MNI152 crops with a ventricle label map, an
 exhaustive box set, image-level classes and none, mixed in batches; the bundled config through
-LightningCLI once PatchDataModule takes ``joint_classes``."""
+LightningCLI."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
 
@@ -22,7 +21,6 @@ pytestmark = pytest.mark.slow  # three stores written, then Lightning fits: ~30 
 
 K = 3  # background and the two lateral ventricles
 SMALL = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "warmup_steps": 1}
-DATAMODULE_TAKES_JOINT_CLASSES = "joint_classes" in inspect.signature(PatchDataModule).parameters
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +37,7 @@ def sources(tmp_path_factory) -> list[dict]:
 
 
 def _datamodule(sources: list[dict], joint_classes: int) -> PatchDataModule:
-    dm = PatchDataModule([DatasetSource(**s) for s in sources], patch_size=32, patch_multiple="spad", batch_size=4, samples_per_case=2, num_threads=0)
-    dm.stream_args["joint_classes"] = joint_classes  # PatchDataModule has no joint_classes argument yet
-    return dm
+    return PatchDataModule([DatasetSource(**s) for s in sources], joint_classes=joint_classes, patch_size=32, patch_multiple="spad", batch_size=4, samples_per_case=2, num_threads=0)
 
 
 def _trainer(steps: int) -> L.Trainer:
@@ -65,13 +61,12 @@ def test_the_class_count_must_match_the_stream(sources):
         _trainer(1).fit(module, datamodule=_datamodule(sources, K))
 
 
-@pytest.mark.skipif(not DATAMODULE_TAKES_JOINT_CLASSES, reason="PatchDataModule(joint_classes=K) is not in yet (spadkit/data/datamodule.py)")
 def test_the_bundled_config_runs_through_lightning_cli(sources, tmp_path):
     from spadkit.tasks.launch import run_pretrain
 
     run_pretrain(
         [
-            "--config", "pretrain_unimed", f"--data.train={json.dumps(sources)}", f"--data.joint_classes={K}", "--data.patch_tokens=[2, 2, 2]", "--data.augment=false",
+            "--config", "pretrain_unimed", f"--data.train={json.dumps(sources)}", "--data.patch_tokens=[2, 2, 2]", "--data.augment=false",
             "--trainer.max_steps=2", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
             "--model.init_args.decoder_dim=32", f"--model.init_args.export_dir={tmp_path / 'export'}",
         ]
