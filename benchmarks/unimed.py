@@ -23,10 +23,11 @@ path: an MLP on the frozen backbone's features) and optionally ``pretrained`` (S
 backbone, fine-tuned), trained on ``k`` axial slices of the left hemisphere of the ORIGINAL T1 and
 scored (Dice) on its right hemisphere. The 2009 template is left-right symmetric (PITFALLS 19) and
 all copies share its anatomy, so this measures whether the supervision in pretraining makes the
-features more useful for the same structures in a new contrast-free setting; it is not a
+features more useful for the same structures seen in another contrast; it is not a
 held-out-subject test.
 
-Run: ``python benchmarks/unimed.py`` (default ~10 min on 2 cores; ``--quick`` ~2 min). Writes
+Run: ``python benchmarks/unimed.py`` (the default took 10.6 CPU-minutes, 28 min wall on 2 cores
+shared at load ~8; UniMed's pretraining is 4.3x MAE's wall time; ``--quick`` ~2 min). Writes
 ``benchmarks/results/unimed.json`` (``{"runs": [...], "settings": {...}}``) and a PNG beside it.
 """
 
