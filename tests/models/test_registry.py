@@ -25,6 +25,7 @@ from spadkit.models import (
 from spadkit.models.classifier import SpadClassifier
 from spadkit.models.registry import CFG_FILE, WEIGHTS_FILE
 from spadkit.models.unetr import SpadUNETR
+from spadkit.models.unimed import UniMedNet
 from tests.conftest import HostilePickle
 
 # the three spacing kinds, on one set of weights: (shape (Z, Y, X), spacing (Z, Y, X) mm)
@@ -68,7 +69,7 @@ def test_forward_backward_all_spacing_kinds(name):
     model = _model(name).train()
     assert model.pretrained_cfg.architecture == name
     inputs = VT_INPUTS if isinstance(model, SpadVT) else VIT_INPUTS
-    assert isinstance(model, (SpadViT, SpadVT, SpadClassifier, SpadUNETR)), f"add {type(model).__name__} to the contract test"
+    assert isinstance(model, (SpadViT, SpadVT, SpadClassifier, SpadUNETR, UniMedNet)), f"add {type(model).__name__} to the contract test"
     first_weight = next(model.parameters())
     for shape, spacing in inputs.values():
         model.zero_grad(set_to_none=True)
@@ -84,6 +85,11 @@ def test_forward_backward_all_spacing_kinds(name):
             out = model(x, torch.tensor([spacing] * 2))
             assert out.shape == ((2, model.num_classes) if isinstance(model, SpadClassifier) else (2, model.num_classes, *shape))
             loss = out.square().mean()
+        elif isinstance(model, UniMedNet):  # per class query: presence logits, mask logits on the input grid
+            out = model(x, torch.tensor([spacing] * 2))
+            queries = out.presence.shape[1]
+            assert queries >= model.num_classes and out.masks.shape == (2, queries, *shape)
+            loss = out.masks.square().mean() + out.presence.square().mean()
         else:
             recon, logits = model(x, torch.tensor([spacing] * 2))
             assert recon.shape == x.shape
