@@ -45,6 +45,16 @@ def mni_store_full(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.n
     return make_store(tmp_path_factory.mktemp("mni1mm") / "s.zarr", 1)
 
 
+@pytest.fixture
+def two_token_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full fine-tunes that sessions start train on crops of 2 tokens per axis (32 voxels at 2 mm), as
+    tests/active/test_finetune's QUICK does; for front-ends that have no crop option (the command, the widget)."""
+    from spadkit.active import finetune
+
+    start = finetune.start
+    monkeypatch.setattr(finetune, "start", lambda session, **kwargs: start(session, **{**kwargs, "crop_tokens": 2}))
+
+
 @pytest.fixture(scope="session")
 def nibabel_data() -> Path:
     return NIBABEL_DATA

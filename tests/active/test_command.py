@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from spadkit.active import AnnotationSession, finetune
+from spadkit.active import AnnotationSession
 from spadkit.cli import main
 from tests.mni_session import CASE, tiny_model
 
@@ -49,9 +49,7 @@ def test_the_loop_imports_no_gui_toolkit():
 
 
 @pytest.mark.slow
-def test_a_full_finetune_runs_headless_from_the_shell(store, mni_store, truth, label_name, capsys, monkeypatch):
-    real_start = finetune.start  # the command has no crop option: train on 2-token crops, as test_finetune's QUICK
-    monkeypatch.setattr(finetune, "start", lambda session, **kwargs: real_start(session, **{**kwargs, "crop_tokens": 2}))
+def test_a_full_finetune_runs_headless_from_the_shell(store, mni_store, truth, label_name, capsys, two_token_crops):
     session = AnnotationSession(store, CASE, tiny_model(), label_name)
     for axis, index in [(0, 40), (1, 55), (2, 50)]:
         session.submit_correction(axis, index, np.take(truth, index, axis=axis))

@@ -182,7 +182,7 @@ def test_a_labels_layer_off_the_grid_or_a_3d_view_is_refused_and_nothing_is_save
 
 
 @pytest.mark.slow  # two fine-tune processes (forkserver start, torch import, a few UNETR steps): ~1 min on 2 busy cores
-def test_learn_then_fine_tunes_in_another_process_with_progress_and_cancel(make_napari_viewer, qtbot, mni_store):
+def test_learn_then_fine_tunes_in_another_process_with_progress_and_cancel(make_napari_viewer, qtbot, mni_store, two_token_crops):
     store_path, truth = mni_store
     viewer = make_napari_viewer(show=True)
     widget = open_widget(viewer, qtbot, store_path, "full")
