@@ -46,7 +46,7 @@ class TrainSettings:
         weight_decay: AdamW.
     """
 
-    steps: int = 25
+    steps: int = 100
     batch: int = 1
     patch_mm: tuple[float, float, float] = (32.0, 64.0, 64.0)
     lr: float = 2e-3

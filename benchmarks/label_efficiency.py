@@ -412,7 +412,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: 4x4x4 mm grid, k 1 and 4, one seed, ventricles, 3 steps (explicit options win)",
     )
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch (and forest) threads; 1 on a shared machine: at load ~8 on 2 cores, 2 threads made every step 7-17x slower",
+    )
     parser.add_argument(
         "--merge",
         action="store_true",

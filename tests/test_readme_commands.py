@@ -79,6 +79,8 @@ COVERED_BY: dict[str, tuple[str, str]] = {
     # ---- prediction
     "spadkit predict store.zarr/CASE --model runs/finetune/export": (f"{PREDICT}::test_predict_a_store_case_writes_label_groups_with_provenance", "a store case with a fine-tune export"),
     "spadkit predict t1.nii.gz --model last.ckpt --out predictions/": (f"{PREDICT}::test_predict_a_nifti_file_from_a_lightning_checkpoint", "a NIfTI file with a Lightning checkpoint and --out"),
+    "spadkit predict store.zarr/CASE --model runs/finetune/export --region 40:48": ("tests/test_predict_region.py::test_predict_command_region_refreshes_a_slab", "a 1x1x3 mm MNI152 store, --region over the latest saved prediction"),
+    "spadkit predict store.zarr/CASE --model runs/finetune/export --region 40:48,:,10:90 --base-version 1": ("tests/test_predict_region.py::test_predict_command_region_refreshes_a_slab", "--region Z0:Z1,Y0:Y1,X0:X1 with --base-version"),
     "spadkit predict store.zarr/CASE --model export/ --flips": ("tests/test_infer.py::test_flip_tta_averages_flipped_predictions", "flip TTA through spadkit.infer.predict (not the --flips flag of the command)"),
     "spadkit predict store.zarr/CASE --model export/ --mc-dropout 0.1 --mc-samples 8": (f"{PREDICT}::test_monte_carlo_dropout_from_the_command_line", "--mc-dropout 0.2 --mc-samples 3"),
     # ---- the annotation loop
