@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ks", type=int, nargs="+", default=[4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="slice draws (and light-head seeds) of the evaluation")
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (initial weights, copies, crops)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine, see label_efficiency)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 steps, one evaluation seed")
     args = parser.parse_args(argv)
     if args.quick:
