@@ -48,7 +48,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/finetune_speed.py --out benchmarks/results/finetune_speed.json
 	$(PY) benchmarks/inference.py --out benchmarks/results/inference.json
 	$(PY) benchmarks/label_efficiency.py --weights demo_output/weights/spad_vit_test --out benchmarks/results/label_efficiency.json
-	$(PY) benchmarks/unimed.py --out benchmarks/results/unimed.json
+	$(PY) benchmarks/unimed.py --arms light_head pretrained --out benchmarks/results/unimed.json
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) benchmarks/annotation_loop.py --out benchmarks/results/annotation_loop.json
 
 lint: $(STAMP)

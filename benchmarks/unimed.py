@@ -26,8 +26,9 @@ all copies share its anatomy, so this measures whether the supervision in pretra
 features more useful for the same structures seen in another contrast; it is not a
 held-out-subject test.
 
-Run: ``python benchmarks/unimed.py`` (the default took 10.6 CPU-minutes, 28 min wall on 2 cores
-shared at load ~8; UniMed's pretraining is 4.3x MAE's wall time; ``--quick`` ~2 min). Writes
+Run: ``python benchmarks/unimed.py --arms light_head pretrained`` (221 s on a quiet 2-core machine
+with 1 thread; an earlier run with 2 threads at load ~8 took 28 min; UniMed's pretraining is ~7x
+MAE's time per step; ``--quick`` ~1 min). Writes
 ``benchmarks/results/unimed.json`` (``{"runs": [...], "settings": {...}}``) and a PNG beside it.
 """
 
