@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -423,7 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the rows of --out that this run does not redo (another arm, grid, k or seed)",
     )
-    if "--quick" in (sys.argv[1:] if argv is None else argv):  # defaults only: explicit options win
+    if parser.parse_known_args(argv)[0].quick:  # defaults only: explicit options win
         parser.set_defaults(
             spacings=["4x4x4"], ks=[1, 4], seeds=[0], targets=["ventricles"], steps=3
         )
@@ -469,8 +468,7 @@ def previous_rows(args: argparse.Namespace, arms: list[str]) -> tuple[list[dict]
     if not args.out.exists():
         return [], {}
     earlier = json.loads(args.out.read_text())
-    train = TrainSettings(steps=args.steps)
-    if earlier["settings"]["train"]["steps"] != train.steps or earlier["settings"]["weights"] != (
+    if earlier["settings"]["train"]["steps"] != args.steps or earlier["settings"]["weights"] != (
         os.fspath(args.weights) if args.weights else None
     ):
         raise SystemExit(

@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -298,8 +299,8 @@ def _rotate(batch: dict[str, Any], rows: torch.Tensor, angles: torch.Tensor, iso
             batch["origin"][rows_a] = new[:, :3, 3].to(batch["origin"].dtype)
 
 
-def _map_sample_boxes(batch: dict[str, Any], rows: torch.Tensor, matrices: Sequence[torch.Tensor]) -> None:
-    """Map the boxes of the samples ``rows`` by their edge maps (one per row), in place in ``batch["boxes"]``."""
+def _map_sample_boxes(batch: dict[str, Any], rows: torch.Tensor, matrices: Sequence[np.ndarray]) -> None:
+    """Map the boxes of the samples ``rows`` by their ``(4, 4)`` edge maps (one per row), in place in ``batch["boxes"]``."""
     shape = batch["image"].shape[2:]
     for row, matrix in zip(rows.tolist(), matrices):
         batch["boxes"][row] = map_boxes(batch["boxes"][row], matrix, shape)
